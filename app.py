@@ -1,0 +1,64 @@
+"""Run Tanglebox: ``python app.py [--settings PATH] [--port N] [--model-path PATH] [--device D]
+[--cpu-ggml] [--host H]``.
+
+Checks the settings and the model first (a mistake is one line on stderr and exit status 2),
+then serves with gunicorn's gevent worker, the same stack as production (README: Deployment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tanglebox.serving import TangleboxServer, WORKER_BOOT_ERROR, preflight
+from tanglebox.settings import SettingsError, load_settings
+
+USAGE_ERROR = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python app.py",
+                                     description="Serve a language model: chat UI, REST and websockets.")
+    parser.add_argument("--settings", default="settings.json", metavar="PATH",
+                        help="settings file (created with defaults when missing)")
+    parser.add_argument("--port", type=int, help="TCP port (setting: port)")
+    parser.add_argument("--host", help="address to listen on (setting: host)")
+    parser.add_argument("--model-path", help="a .gguf file or a transformers folder (setting: modelName)")
+    parser.add_argument("--device", help="cpu, cuda, mps or cpu-ggml (setting: device)")
+    parser.add_argument("--cpu-ggml", action="store_true",
+                        help="run a GGUF file with llama.cpp on the CPU (same as --device cpu-ggml)")
+    return parser.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    overrides = {"port": args.port, "host": args.host, "modelName": args.model_path,
+                 "device": "cpu-ggml" if args.cpu_ggml else args.device}
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings(args.settings, overrides_from(args))
+        if settings.filled_in:
+            print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
+                  f"{', '.join(settings.filled_in)}", file=sys.stderr)
+        location = preflight(settings)
+    except SettingsError as err:
+        print(f"tanglebox: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    scheme = "https" if settings["useSsl"] else "http"
+    host = "localhost" if settings["host"] in ("0.0.0.0", "::", "127.0.0.1") else settings["host"]
+    print(f"tanglebox: serving {location.path.name} ({location.backend}) at "
+          f"{scheme}://{host}:{settings['port']}", file=sys.stderr, flush=True)
+    try:
+        TangleboxServer(settings, location).run()
+    except SystemExit as exit_:
+        # gunicorn halts with its boot-error code when the worker could not load the model;
+        # the worker has already printed the one-line reason.
+        return USAGE_ERROR if exit_.code == WORKER_BOOT_ERROR else (exit_.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What every backend provides to the engine, and nothing more.
+
+A backend loads a model and turns token sequences into next-token logits. It knows nothing of
+HTTP, sockets, templates, sampling or stop strings (the engine does those once for all).
+
+Sequences live in numbered slots (0 .. ``max_sequences``-1), each with its own KV cache.
+``decode`` appends tokens to several slots at once (one batched forward pass) and returns the
+logits after the last token of each item that asks for them. ``forget`` drops a slot's cached
+positions from ``keep`` on, so a conversation's next turn can reuse its cached prefix.
+All methods are called from the engine's thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tanglebox.prompting import ModelChatFormat
+
+
+class BackendError(Exception):
+    """The model cannot be loaded as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    slot: int
+    tokens: list[int]
+    position: int  # where tokens[0] goes in the slot's sequence
+    want_logits: bool = True
+
+
+class Backend(Protocol):
+    name: str  # "llama.cpp" or "transformers"
+    model_name: str  # what users see, e.g. "SmolLM2-135M-Instruct.Q4_1.gguf"
+    device: str
+    context_length: int  # tokens per sequence
+    max_sequences: int
+    batch_tokens: int  # most tokens one decode call takes, over all items
+    chat_format: ModelChatFormat
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text to tokens: special tokens parsed, BOS added if the model wants one."""
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a generated token stands for (may be part of a UTF-8 character)."""
+
+    def is_end_of_turn(self, token: int) -> bool:
+        ...
+
+    def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
+        ...
+
+    def forget(self, slot: int, keep: int) -> None:
+        ...
+
+    def close(self) -> None:
+        ...

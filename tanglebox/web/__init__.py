@@ -1,0 +1,66 @@
+"""The Flask application factory: one blueprint (or socket route) per surface.
+
+- ``pages``: the chat UI at ``/``, the widget at ``/widget``, ``/health``
+- ``api``: ``/conversation``, the original REST contract
+- ``original_socket``: the original websocket protocol at ``/``
+- ``ui_socket``: the HTMX chat socket at ``/ws/chat``
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flask import Flask, Response, request
+from flask_sock import Sock
+from werkzeug.exceptions import HTTPException
+
+from tanglebox.runtime import Runtime
+from tanglebox.settings import Settings
+from tanglebox.web import security
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
+    app = Flask("tanglebox", root_path=str(ROOT), template_folder="templates",
+                static_folder="static")
+    app.extensions["tanglebox"] = runtime or Runtime(settings)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings["maxRequestBytes"],
+        # A message over the limit closes the socket with 1009 (simple-websocket's rule).
+        SOCK_SERVER_OPTIONS={"max_message_size": settings["maxRequestBytes"],
+                             "ping_interval": 25},
+        SEND_FILE_MAX_AGE_DEFAULT=3600,
+    )
+    app.json.sort_keys = False
+    security.init_app(app)
+    app.register_error_handler(HTTPException, error_response)
+
+    from tanglebox.web import api, original_socket, pages, ui_socket
+    sock = Sock(app)
+    app.register_blueprint(pages.blueprint)
+    app.register_blueprint(api.blueprint)
+    original_socket.register(sock)
+    ui_socket.register(sock)
+    return app
+
+
+def wants_json() -> bool:
+    best = request.accept_mimetypes.best_match(["text/plain", "application/json", "text/html"])
+    return best == "application/json"
+
+
+def error_response(error: HTTPException) -> Response:
+    """Errors as plain text (what the original's clients read) or JSON when asked for."""
+    message = error.description or error.name
+    if wants_json():
+        response = Response(
+            json.dumps({"error": {"code": error.code, "message": message}}),
+            status=error.code, mimetype="application/json")
+    else:
+        response = Response(message + "\n", status=error.code, mimetype="text/plain")
+    for name, value in (error.get_headers() if hasattr(error, "get_headers") else []):
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response

@@ -1,0 +1,7 @@
+"""The HTMX chat socket at ``/ws/chat``."""
+
+from __future__ import annotations
+
+
+def register(sock) -> None:
+    """Attach the socket route."""

@@ -1,0 +1,92 @@
+"""A backend with a byte tokenizer and a scripted "model", for tests without weights.
+
+The reply to a conversation is ``fake_reply(last user message)``: ``echo TEXT`` answers TEXT
+(so a test can make the "model" say anything, an XSS payload included), ``count N`` answers
+"1 2 … N", anything else answers "You said: …". The model really works token by token through
+the engine's decode/forget interface, so slots, batching, caching and cancel are exercised.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+
+from tanglebox.backends.base import DecodeItem
+from tanglebox.prompting import ModelChatFormat
+
+SPECIALS = {"<|end|>": 256, "<|user|>": 257, "<|assistant|>": 258, "<|system|>": 259}
+END, USER, ASSISTANT = SPECIALS["<|end|>"], SPECIALS["<|user|>"], SPECIALS["<|assistant|>"]
+VOCAB = 260
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+_SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+
+def fake_reply(user_text: str) -> str:
+    if user_text.startswith("echo "):
+        return user_text[5:]
+    match = re.fullmatch(r"count (\d+)", user_text.strip())
+    if match:
+        return " ".join(str(i) for i in range(1, int(match.group(1)) + 1))
+    return f"You said: {user_text}"
+
+
+class FakeBackend:
+    name = "fake"
+    device = "cpu"
+
+    def __init__(self, max_sequences: int = 2, context_length: int = 4096,
+                 batch_tokens: int = 64, step_delay: float = 0.0,
+                 model_name: str = "fake-model") -> None:
+        self.model_name = model_name
+        self.max_sequences = max_sequences
+        self.context_length = context_length
+        self.batch_tokens = batch_tokens
+        self.step_delay = step_delay  # seconds per decode call, so tests can act mid-reply
+        self.chat_format = ModelChatFormat(CHAT_TEMPLATE, "", "<|end|>")
+        self.sequences: list[list[int]] = [[] for _ in range(max_sequences)]
+        self.decode_calls: list[list[DecodeItem]] = []
+        self.closed = False
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = []
+        for part in _SPECIAL_PATTERN.split(text):
+            tokens.extend([SPECIALS[part]] if part in SPECIALS else part.encode("utf-8"))
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def is_end_of_turn(self, token: int) -> bool:
+        return token == END
+
+    def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
+        self.decode_calls.append(items)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        results: list[np.ndarray | None] = []
+        for item in items:
+            sequence = self.sequences[item.slot]
+            assert len(sequence) == item.position, "decode at a position the cache does not hold"
+            sequence.extend(item.tokens)
+            results.append(self._logits(sequence) if item.want_logits else None)
+        return results
+
+    def forget(self, slot: int, keep: int) -> None:
+        del self.sequences[slot][keep:]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _logits(self, sequence: list[int]) -> np.ndarray:
+        start = len(sequence) - 1 - sequence[::-1].index(ASSISTANT)
+        user_start = start - 1 - sequence[start - 1::-1].index(USER)
+        user_text = bytes(t for t in sequence[user_start + 1:start] if t < 256).decode()
+        target = list(fake_reply(user_text).encode("utf-8")) + [END]
+        generated = sequence[start + 1:]
+        next_token = target[len(generated)] if len(generated) < len(target) else END
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        logits[next_token] = 30.0
+        return logits

@@ -1,0 +1,33 @@
+"""Serve the fake backend with the production stack: ``python -m tests.fake_server SETTINGS FAKE_JSON``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tanglebox.engine import Engine
+from tanglebox.runtime import Runtime
+from tanglebox.serving import TangleboxServer, configure_logging
+from tanglebox.settings import load_settings
+from tests.fake_backend import FakeBackend
+
+
+class FakeServer(TangleboxServer):
+    def __init__(self, settings, fake_options: dict) -> None:
+        self.fake_options = fake_options
+        super().__init__(settings, location=None)
+
+    def load(self):
+        from tanglebox.web import create_app
+        configure_logging(self.settings)
+        engine = Engine(FakeBackend(**self.fake_options), self.settings["conversationTemplate"],
+                        queue_size=self.settings["queueSize"],
+                        request_timeout=self.settings["requestTimeoutSeconds"])
+        engine.start()
+        runtime = Runtime(self.settings)
+        runtime.attach_engine(engine)
+        return create_app(self.settings, runtime)
+
+
+if __name__ == "__main__":
+    FakeServer(load_settings(sys.argv[1]), json.loads(sys.argv[2])).run()
