@@ -40,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings(args.settings, overrides_from(args))
-        if settings.filled_in:
-            print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
-                  f"{', '.join(settings.filled_in)}", file=sys.stderr)
         location = preflight(settings)
     except SettingsError as err:
         print(f"tanglebox: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    if settings.created:
+        print(f"tanglebox: wrote {args.settings} with the default settings", file=sys.stderr)
+    elif settings.filled_in:
+        print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
+              f"{', '.join(settings.filled_in)}", file=sys.stderr)
     scheme = "https" if settings["useSsl"] else "http"
     host = "localhost" if settings["host"] in ("0.0.0.0", "::", "127.0.0.1") else settings["host"]
     print(f"tanglebox: serving {location.path.name} ({location.backend}) at "

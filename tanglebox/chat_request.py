@@ -33,6 +33,7 @@ class ChatRequest:
     temperature: float
     max_new_tokens: int
     client_id: str = ""  # fairness: one client's many requests wait behind each other
+    stop: tuple[str, ...] = ()  # extra stop strings, beside the template's
 
 
 @dataclass(frozen=True)

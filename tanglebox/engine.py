@@ -279,7 +279,7 @@ class Engine:
         seed = next(self._seeds) if self._seeds is not None else None
         self._active.append(_Sequence(
             generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
-            to_prefill=tokens[keep:], reply=ReplyText(prompt.stop),
+            to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
             rng=np.random.default_rng(seed), admitted_at=time.monotonic()))
 
     def _step(self) -> None:

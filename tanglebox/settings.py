@@ -134,7 +134,8 @@ class Settings:
 
     values: dict[str, Any]
     path: Path
-    filled_in: list[str] = field(default_factory=list)
+    filled_in: list[str] = field(default_factory=list)  # keys missing from the file, now added
+    created: bool = False  # the file did not exist and was written with the defaults
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -150,7 +151,8 @@ def defaults() -> dict[str, Any]:
 
 
 def env_name(key: str) -> str:
-    return "TANGLEBOX_" + re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).upper()
+    """``maxNewTokens`` -> ``TANGLEBOX_MAX_NEW_TOKENS``; ``use8BitCompression`` -> ``..._USE_8BIT_COMPRESSION``."""
+    return "TANGLEBOX_" + re.sub(r"(?<=[a-z])(?=[A-Z0-9])", "_", key).upper()
 
 
 def load_settings(path: str | os.PathLike | None = None,
@@ -161,7 +163,8 @@ def load_settings(path: str | os.PathLike | None = None,
     path = Path(path or "settings.json")
     values = defaults()
     filled_in: list[str] = []
-    if path.exists():
+    loaded_from_file = path.exists()
+    if loaded_from_file:
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -178,14 +181,14 @@ def load_settings(path: str | os.PathLike | None = None,
             _write(path, values)
     elif write_missing:
         _write(path, values)
-        filled_in = [s.key for s in SETTINGS]
     for key, value in (overrides or {}).items():
         values[key] = check_value(key, value, source="the command line")
     for key, raw in (os.environ if environ is None else environ).items():
         setting = _setting_for_env(key)
         if setting is not None:
             values[setting.key] = check_value(setting.key, _parse_env(setting, raw), source=key)
-    settings = Settings(values=values, path=path.resolve(), filled_in=filled_in)
+    settings = Settings(values=values, path=path.resolve(), filled_in=filled_in,
+                        created=write_missing and not filled_in and not loaded_from_file)
     _check_combinations(settings)
     return settings
 

@@ -1,0 +1,183 @@
+"""llama.cpp through llama-cpp-python's low-level API: one context, one sequence per slot.
+
+Every engine step is one ``llama_decode`` over a batch that holds all active slots: one token
+for each generating slot plus prompt chunks for slots still reading their prompt, each token
+tagged with its slot's sequence id. Logits are requested only for the last token of an item
+that needs them. ``forget`` removes a slot's cached positions (``llama_memory_seq_rm``), which
+is how a conversation's next turn reuses its cached prefix.
+
+The context holds ``contextLength`` tokens per slot (``n_ctx = contextLength * slots``, with a
+separate KV stream per sequence). ctypes releases the GIL during ``llama_decode``, so the web
+greenlets keep running while the model computes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _logger as llama_logger
+
+from tanglebox.backends.base import BackendError, DecodeItem
+from tanglebox.model_location import ModelLocation
+from tanglebox.prompting import ModelChatFormat
+from tanglebox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH_TOKENS = 512  # tokens per decode call: prompt chunks are cut to fit beside the streams
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _cpu_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, context_length: int, slots: int, gpu_layers: int,
+                 device: str, verbose: bool = False) -> None:
+        llama_logger.set_verbose(verbose)
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {path}; is it a valid GGUF file?")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        trained = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.context_length = min(context_length, trained) if trained > 0 else context_length
+        if self.context_length < context_length:
+            log.warning("contextLength %d is above what %s was trained for; using %d",
+                        context_length, path.name, self.context_length)
+        self.max_sequences = slots
+        self.batch_tokens = BATCH_TOKENS
+        threads = _cpu_threads()
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = self.context_length * slots
+        ctx_params.n_batch = BATCH_TOKENS
+        ctx_params.n_ubatch = BATCH_TOKENS
+        ctx_params.n_seq_max = slots
+        ctx_params.kv_unified = False  # a KV stream per sequence: no cross-slot attention work
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise BackendError(f"llama.cpp could not create a context of {ctx_params.n_ctx} "
+                               "tokens; lower \"contextLength\" or \"parallelSlots\"")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._piece_cache: dict[int, bytes] = {}
+        self.model_name = path.name
+        self.device = device
+        self.chat_format = ModelChatFormat(
+            chat_template=self._chat_template(),
+            bos_token=self._special_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+
+    @classmethod
+    def load(cls, settings: Settings, location: ModelLocation) -> "LlamaCppBackend":
+        device = settings["device"]
+        on_gpu = device in ("cuda", "mps") and gpu_offload_supported()
+        layers = settings["nGpuLayers"] if on_gpu else 0
+        return cls(location.path, settings["contextLength"], settings["parallelSlots"],
+                   gpu_layers=999 if layers < 0 else layers,
+                   device=device if on_gpu else "cpu",
+                   verbose=settings["enableModelDebugOutput"])
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                         False, True)
+        if count < 0:  # the buffer was too small: -count is the size needed
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                             False, True)
+        tokens = list(buffer[:count])
+        if self._add_bos and (not tokens or tokens[0] != self._bos):
+            tokens.insert(0, self._bos)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            piece = self._piece(token, special=False)
+            self._piece_cache[token] = piece
+        return piece
+
+    def is_end_of_turn(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- the model ------------------------------------------------------------------------
+
+    def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
+        batch = self._batch
+        n = 0
+        outputs: list[int | None] = []
+        for item in items:
+            last = len(item.tokens) - 1
+            for offset, token in enumerate(item.tokens):
+                batch.token[n] = token
+                batch.pos[n] = item.position + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = item.slot
+                batch.logits[n] = item.want_logits and offset == last
+                n += 1
+            outputs.append(n - 1 if item.want_logits else None)
+        if n > BATCH_TOKENS:
+            raise ValueError(f"a decode of {n} tokens is over the batch size {BATCH_TOKENS}")
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        return [None if index is None else self._logits(index) for index in outputs]
+
+    def forget(self, slot: int, keep: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, special)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -size, 0, special)
+        return buffer.raw[:size]
+
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    def _chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8") if template else None

@@ -1,0 +1,78 @@
+"""The engine on the real SmolLM2-135M-Instruct, through both local backends, at temperature 0.
+
+The transformers backend loads the very same GGUF file (transformers' ``gguf_file`` loading),
+so both answer the same questions with the same chat template.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tanglebox.backends import load_backend
+from tanglebox.chat_request import ChatRequest
+from tanglebox.engine import Delta, Done, Engine
+from tanglebox.model_location import locate_model
+from tanglebox.prompting import USER, Message
+from tanglebox.settings import load_settings
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module", params=["llama.cpp", "transformers"])
+def engine(request, tmp_path_factory):
+    settings = load_settings(tmp_path_factory.mktemp("settings") / "settings.json",
+                             {"backend": request.param, "contextLength": 1024,
+                              "parallelSlots": 2})
+    backend = load_backend(settings, locate_model(settings))
+    engine = Engine(backend, "auto", seed=1234)
+    engine.start()
+    yield engine
+    engine.stop(drain_seconds=5)
+
+
+def ask(engine: Engine, question: str, max_new_tokens: int = 64) -> tuple[str, Done]:
+    generation = engine.submit(ChatRequest((Message(USER, question),), "", 0.0, max_new_tokens))
+    streamed = ""
+    for event in generation.events():
+        if isinstance(event, Delta):
+            streamed += event.text
+        else:
+            assert isinstance(event, Done), event
+            return streamed, event
+    raise AssertionError("no final event")
+
+
+def test_answers_arithmetic(engine):
+    streamed, done = ask(engine, "What is 2 + 2?")
+    assert "4" in done.text
+    assert done.finish_reason == "stop"
+    assert done.prompt_tokens > 0 and done.completion_tokens > 0
+
+
+def test_streamed_text_equals_the_final_text_and_is_repeatable(engine):
+    first_stream, first = ask(engine, "Name three colours.")
+    second_stream, second = ask(engine, "Name three colours.")
+    assert first_stream == first.text
+    assert second.text == first.text  # temperature 0 is greedy: the same reply twice
+    assert second.cached_tokens > 0  # and the repeated prompt came from the KV cache
+
+
+def test_max_new_tokens_is_honoured(engine):
+    _, done = ask(engine, "Write a long story about a dragon.", max_new_tokens=5)
+    assert done.finish_reason == "length"
+    assert done.completion_tokens == 5
+
+
+def test_a_stop_string_never_leaks(engine):
+    _, full = ask(engine, "What is 2 + 2?")
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = " " + words[2]  # a string this model produces at temperature 0, split over tokens
+    generation = engine.submit(ChatRequest((Message(USER, "What is 2 + 2?"),), "", 0.0, 64,
+                                           stop=(stop,)))
+    events = list(generation.events())
+    streamed = "".join(e.text for e in events if isinstance(e, Delta))
+    done = events[-1]
+    assert done.finish_reason == "stop"
+    assert streamed == done.text == full.text[:full.text.index(stop)]
+    assert stop not in streamed

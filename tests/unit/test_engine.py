@@ -1,0 +1,181 @@
+"""The engine on the fake backend: events, limits, cancel, queueing, fairness, prefix reuse."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tanglebox.chat_request import ChatRequest
+from tanglebox.engine import Delta, Done, Engine, EngineStopped, Error, QueueFull
+from tanglebox.prompting import ASSISTANT, USER, Message
+from tests.fake_backend import FakeBackend
+
+
+def request(text: str, max_new_tokens: int = 200, client: str = "", stop=()) -> ChatRequest:
+    return ChatRequest((Message(USER, text),), "", 0.0, max_new_tokens, client, tuple(stop))
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(queue_size: int = 8, **backend_options) -> Engine:
+        engine = Engine(FakeBackend(**backend_options), "auto", queue_size=queue_size)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop(drain_seconds=1)
+
+
+def run(generation) -> tuple[str, Done | Error]:
+    events = list(generation.events())
+    return "".join(e.text for e in events if isinstance(e, Delta)), events[-1]
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_deltas_then_done_with_counts_and_timings(make_engine):
+    engine = make_engine()
+    engine.start()
+    streamed, done = run(engine.submit(request("echo Hello, world")))
+    assert streamed == done.text == "Hello, world"
+    assert done.finish_reason == "stop"
+    assert done.completion_tokens == len("Hello, world")
+    assert done.prompt_tokens > 0
+    assert set(done.timings) == {"queueMs", "promptMs", "generationMs", "tokensPerSecond"}
+
+
+def test_max_new_tokens_ends_with_length(make_engine):
+    engine = make_engine()
+    engine.start()
+    _, done = run(engine.submit(request("count 50", max_new_tokens=7)))
+    assert done.finish_reason == "length"
+    assert done.text == "1 2 3 4"
+
+
+def test_request_stop_strings_are_held_back_and_never_leak(make_engine):
+    engine = make_engine()
+    engine.start()
+    streamed, done = run(engine.submit(request("echo one ## two ### three", stop=["###"])))
+    assert streamed == done.text == "one ## two "
+    assert done.finish_reason == "stop"
+
+
+def test_utf8_characters_arrive_whole(make_engine):
+    engine = make_engine()
+    engine.start()
+    generation = engine.submit(request("echo naïve café €"))
+    deltas = [e.text for e in generation.events() if isinstance(e, Delta)]
+    assert "".join(deltas) == "naïve café €"
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_cancel_stops_at_the_next_step_and_frees_the_slot(make_engine):
+    engine = make_engine(max_sequences=1, step_delay=0.01)
+    engine.start()
+    generation = engine.submit(request("count 1000", max_new_tokens=4000))
+    assert isinstance(generation.next_event(timeout=10), Delta)
+    generation.cancel()
+    _, done = run(generation)
+    assert done.finish_reason == "cancelled"
+    assert done.completion_tokens < 1000
+    _, following = run(engine.submit(request("echo next")))
+    assert following.text == "next"
+
+
+def test_cancel_during_a_long_prompt(make_engine):
+    engine = make_engine(max_sequences=1, batch_tokens=8, step_delay=0.01)
+    engine.start()
+    generation = engine.submit(request("echo " + "x" * 2000))
+    wait_until(lambda: engine.load()["busy"] == 1)
+    generation.cancel()
+    _, done = run(generation)
+    assert done.finish_reason == "cancelled" and done.completion_tokens == 0
+
+
+def test_a_full_queue_is_refused_at_once(make_engine):
+    engine = make_engine(queue_size=1, max_sequences=1, step_delay=0.01)
+    engine.start()
+    running = engine.submit(request("count 500", max_new_tokens=1000))
+    waiting = engine.submit(request("echo waiting"))
+    with pytest.raises(QueueFull) as refused:
+        engine.submit(request("echo refused"))
+    assert refused.value.retry_after > 0
+    running.cancel()
+    assert run(waiting)[1].text == "waiting"
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_with_counts(make_engine):
+    engine = make_engine(context_length=64)
+    engine.start()
+    _, error = run(engine.submit(request("echo " + "y" * 100)))
+    assert isinstance(error, Error) and error.code == "prompt_too_long"
+    assert "108 tokens" in error.message and "holds 64" in error.message  # 105 + 3 specials
+
+
+def test_the_reply_stops_at_the_end_of_the_context(make_engine):
+    engine = make_engine(context_length=40)
+    engine.start()
+    _, done = run(engine.submit(request("count 100")))
+    assert done.finish_reason == "length"
+
+
+def test_slots_run_side_by_side_in_one_batched_decode(make_engine):
+    engine = make_engine(max_sequences=4)
+    generations = [engine.submit(request(f"echo reply number {i}")) for i in range(4)]
+    engine.start()
+    results = [run(g)[1].text for g in generations]
+    assert results == [f"reply number {i}" for i in range(4)]
+    assert max(len(items) for items in engine.backend.decode_calls) == 4
+
+
+def test_round_robin_admission_across_clients(make_engine):
+    engine = make_engine(max_sequences=1, queue_size=10)
+    greedy = [engine.submit(request(f"echo greedy {i}", client="greedy")) for i in range(5)]
+    polite = engine.submit(request("echo polite", client="polite"))
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def collect(generation):
+        text = run(generation)[1].text
+        with lock:
+            finished.append(text)
+
+    threads = [threading.Thread(target=collect, args=(g,)) for g in greedy + [polite]]
+    for thread in threads:
+        thread.start()
+    engine.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert finished.index("polite") <= 1  # served right after the greedy client's first
+
+
+def test_the_next_turn_reuses_the_cached_conversation(make_engine):
+    engine = make_engine(max_sequences=2)
+    engine.start()
+    first = run(engine.submit(request("echo The capital is Paris.")))[1]
+    history = (Message(USER, "echo The capital is Paris."), Message(ASSISTANT, first.text),
+               Message(USER, "echo And of Italy?"))
+    second = run(engine.submit(ChatRequest(history, "", 0.0, 100)))[1]
+    assert second.text == "And of Italy?"
+    assert second.cached_tokens >= first.prompt_tokens
+
+
+def test_stop_drains_running_replies_then_refuses_new_work(make_engine):
+    engine = make_engine()
+    engine.start()
+    generation = engine.submit(request("echo finishing"))
+    engine.stop(drain_seconds=5)
+    assert run(generation)[1].text == "finishing"
+    with pytest.raises(EngineStopped):
+        engine.submit(request("echo too late"))
+    assert engine.backend.closed
