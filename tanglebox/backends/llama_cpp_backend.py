@@ -37,7 +37,7 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def _cpu_threads() -> int:
+def cpu_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else os.cpu_count() or 1)
 
@@ -62,7 +62,7 @@ class LlamaCppBackend:
                         context_length, path.name, self.context_length)
         self.max_sequences = slots
         self.batch_tokens = BATCH_TOKENS
-        threads = _cpu_threads()
+        threads = cpu_threads()
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = self.context_length * slots
         ctx_params.n_batch = BATCH_TOKENS
