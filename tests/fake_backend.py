@@ -39,8 +39,9 @@ class FakeBackend:
 
     def __init__(self, max_sequences: int = 2, context_length: int = 4096,
                  batch_tokens: int = 64, step_delay: float = 0.0,
-                 model_name: str = "fake-model") -> None:
+                 model_name: str = "fake-model", replies: dict[str, str] | None = None) -> None:
         self.model_name = model_name
+        self.replies = replies or {}  # canned replies by user text, before fake_reply's rules
         self.max_sequences = max_sequences
         self.context_length = context_length
         self.batch_tokens = batch_tokens
@@ -84,7 +85,8 @@ class FakeBackend:
         start = len(sequence) - 1 - sequence[::-1].index(ASSISTANT)
         user_start = start - 1 - sequence[start - 1::-1].index(USER)
         user_text = bytes(t for t in sequence[user_start + 1:start] if t < 256).decode()
-        target = list(fake_reply(user_text).encode("utf-8")) + [END]
+        reply = self.replies.get(user_text) or fake_reply(user_text)
+        target = list(reply.encode("utf-8")) + [END]
         generated = sequence[start + 1:]
         next_token = target[len(generated)] if len(generated) < len(target) else END
         logits = np.zeros(VOCAB, dtype=np.float32)

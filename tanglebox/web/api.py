@@ -1,35 +1,361 @@
-"""``/conversation``: the original REST contract (ORIGINAL.md)."""
+"""``/conversation``: the original REST contract (ORIGINAL.md), plus JSON and SSE replies.
+
+The flow of one request, each step refusing with a clear 4xx/503 before any work is done:
+
+1. parameters (after refusing pages of other sites that are not in ``allowedOrigins``):
+   ``GET`` query string; ``POST`` JSON object or form (a ``POST`` with no body
+   falls back to its query string). ``text/plain`` and other bodies are refused with 415,
+   which also stops cross-site ``enctype=text/plain`` form posts. Over ``maxRequestBytes``: 413.
+2. the API token (:mod:`tanglebox.web.auth`), then maintenance mode (503 + Retry-After);
+3. validation, shared with every other adapter (:func:`build_chat_request`): 400 naming the
+   parameter;
+4. ``engine.submit``: 503 + Retry-After at once while loading or when the queue is full;
+5. the first event is awaited *before* a status line is sent, so a prompt longer than the
+   context is a 400 with the token counts, also for streamed replies;
+6. the events are rendered as the client asked (``Accept`` and ``shouldStreamResponse``):
+   ``text/plain`` whole (the original's default) or chunked as generated, ``application/json``
+   (one object), or ``text/event-stream`` (``delta``, then ``done`` or ``error`` events).
+
+A client that goes away is noticed at the next event (or within ``DISCONNECT_POLL_SECONDS``
+while nothing is generated), by peeking at its socket and by the failed write that makes
+gunicorn close our response iterator; either way the generation is cancelled and leaves the
+batch at the engine's next step.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, request
+import functools
+import json
+import select
+import socket
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
-from tanglebox.chat_request import RequestError, build_chat_request
-from tanglebox.engine import Delta, Done, Error, QueueFull
-from tanglebox.runtime import NotReady, current_runtime
+from flask import Blueprint, Response, abort, jsonify, request
+from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, ServiceUnavailable,
+                                 UnsupportedMediaType)
+
+from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
+from tanglebox.engine import Delta, Done, EngineStopped, Error, Event, Generation, QueueFull
+from tanglebox.runtime import NotReady, Runtime, current_runtime
+from tanglebox.web.auth import FORM_TYPES, require_token
 
 blueprint = Blueprint("api", __name__)
 
+PLAIN, JSON, EVENT_STREAM = "text/plain", "application/json", "text/event-stream"
+LOADING_RETRY_AFTER = 5
+MAINTENANCE_RETRY_AFTER = 60
+SHUTDOWN_RETRY_AFTER = 5
+DISCONNECT_POLL_SECONDS = 0.5
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: logged, never seen by the (absent) client
+ALLOWED_METHODS = "GET, POST, OPTIONS"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
-@blueprint.route("/conversation", methods=["GET", "POST"])
-def conversation():
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection while its reply was being generated."""
+
+
+class StreamFailed(Exception):
+    """The engine failed after the status line went out: the connection is closed without
+    the final chunk, so a client cannot mistake the partial reply for a whole one."""
+
+
+@blueprint.before_request
+def refuse_when_disabled() -> None:
+    if not current_runtime().settings["enableApi"]:
+        abort(404)
+
+
+@blueprint.after_request
+def add_cors_headers(response: Response) -> Response:
+    """CORS only for origins in ``allowedOrigins``: never ``*``, never credentials."""
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if cors_allowed(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
+    return response
+
+
+@blueprint.route("/conversation", methods=["GET", "POST", "OPTIONS"],
+                 provide_automatic_options=False)
+def conversation() -> Response:
+    if request.method == "OPTIONS":
+        return options_response()
+    refuse_cross_site_browsers()
+    params, from_json = read_parameters()
+    require_token()
     runtime = current_runtime()
-    params = request.get_json(silent=True) if request.is_json else request.values
+    if runtime.settings["maintenanceMode"]:
+        raise ServiceUnavailable(runtime.settings["maintenanceMessage"],
+                                 retry_after=MAINTENANCE_RETRY_AFTER)
+    chat_request, stream = parse_request(params, from_json, runtime)
+    reply_type = request.accept_mimetypes.best_match([PLAIN, JSON, EVENT_STREAM]) or PLAIN
+    generation = submit(runtime, chat_request)
+    environ = request.environ
     try:
-        chat_request = build_chat_request(params or {}, runtime.limits(),
+        first = next_event(generation, environ)
+    except ClientGone:
+        generation.cancel()
+        return Response(status=CLIENT_CLOSED_REQUEST)
+    if isinstance(first, Error):
+        refuse(first)
+    model = runtime.model_name
+    if reply_type == EVENT_STREAM:
+        return streamed(generation, first, environ, functools.partial(render_sse, model=model),
+                        EVENT_STREAM)
+    if reply_type == PLAIN and stream:
+        return streamed(generation, first, environ, render_plain, PLAIN)
+    try:
+        done = last_event(generation, first, environ)
+    except ClientGone:
+        generation.cancel()
+        return Response(status=CLIENT_CLOSED_REQUEST)
+    if reply_type == JSON:
+        return jsonify(reply_json(done, model))
+    return Response(done.text, mimetype=PLAIN)
+
+
+# -- 1. parameters ---------------------------------------------------------------------------
+
+def refuse_cross_site_browsers() -> None:
+    """403 for a browser request made by another site's page, unless its origin is allowed.
+
+    A cross-site ``GET`` (an ``<img src=…/conversation?userPrompt=…>``) carries no Origin, so
+    the app-wide Origin check cannot see it; browsers mark it ``Sec-Fetch-Site: cross-site``.
+    Scripts send no such header and are served as before.
+    """
+    if (request.headers.get("Sec-Fetch-Site") == "cross-site"
+            and not cors_allowed(request.headers.get("Origin"))):
+        abort(403, description="Sec-Fetch-Site: requests made by another site's pages are "
+                               "not allowed; add its origin to \"allowedOrigins\" in "
+                               "settings.json.")
+
+
+def read_parameters() -> tuple[Mapping[str, Any], bool]:
+    """The request's parameters, and whether they came from JSON (numbers must be numbers)."""
+    if request.method == "GET":
+        return request.args, False
+    limit = current_runtime().settings["maxRequestBytes"]
+    if request.content_length is not None and request.content_length > limit:
+        too_large(limit)  # before reading a byte of it
+    if request.mimetype == "text/plain":
+        raise UnsupportedMediaType(
+            "Content-Type: text/plain is not accepted: send a JSON object "
+            "(Content-Type: application/json) or a form (application/x-www-form-urlencoded).")
+    body = read_body(limit)
+    if request.is_json:
+        return json_object(body), True
+    if request.mimetype in FORM_TYPES:
+        return request.form, False  # parsed from the body read above
+    if not body:
+        return request.args, False  # e.g. requests.post(url, params={...})
+    raise UnsupportedMediaType(
+        f"Content-Type: {request.mimetype or '(none)'} is not accepted: send a JSON object "
+        "(Content-Type: application/json) or a form (application/x-www-form-urlencoded).")
+
+
+def read_body(limit: int) -> bytes:
+    try:
+        body = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        too_large(limit)
+    # A chunked body has no Content-Length to check up front, and Werkzeug cuts it at the
+    # limit rather than refusing it: a body that fills the limit is taken as one over it.
+    if request.content_length is None and len(body) >= limit:
+        too_large(limit)
+    return body
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as err:
+        abort(400, description=f"body: not valid JSON ({err.msg} at line {err.lineno}, "
+                               f"column {err.colno}); send an object such as "
+                               '{"userPrompt": "Hello"}')
+    except (ValueError, RecursionError):  # not UTF-8; nested deeper than the parser goes
+        abort(400, description="body: not valid JSON; send a UTF-8 JSON object such as "
+                               '{"userPrompt": "Hello"}')
+    if not isinstance(value, dict):
+        abort(400, description=f"body: must be a JSON object of parameters such as "
+                               f'{{"userPrompt": "Hello"}}, not {type_name(value)}')
+    return value
+
+
+def type_name(value: Any) -> str:
+    names = {str: "a string", list: "an array", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), "that")
+
+
+def too_large(limit: int) -> NoReturn:
+    raise RequestEntityTooLarge(
+        f"body: larger than this server accepts ({limit} bytes, the \"maxRequestBytes\" "
+        "setting); shorten userPrompt or conversationHistory.")
+
+
+# -- 3. validation ---------------------------------------------------------------------------
+
+def parse_request(params: Mapping[str, Any], from_json: bool,
+                  runtime: Runtime) -> tuple[ChatRequest, bool]:
+    """The shared ChatRequest, and whether to stream; 400 naming the parameter otherwise."""
+    try:
+        chat_request = build_chat_request(params, runtime.limits(),
                                           client_id=request.remote_addr or "",
-                                          from_json=request.is_json)
-        generation = runtime.ready_engine().submit(chat_request)
+                                          from_json=from_json)
+        stream = params.get("shouldStreamResponse")
+        stream = False if stream is None or stream == "" else parse_bool(
+            stream, "shouldStreamResponse")
     except RequestError as err:
         abort(400, description=str(err))
-    except (NotReady, QueueFull) as err:
-        abort(503, description=str(err))
-    text = ""
-    for event in generation.events():
-        if isinstance(event, Delta):
-            text += event.text
-        elif isinstance(event, Error):
-            abort(400 if event.code == "prompt_too_long" else 500, description=event.message)
-        elif isinstance(event, Done):
-            text = event.text
-    return Response(text, mimetype="text/plain")
+    return chat_request, stream
+
+
+# -- 4. the engine ---------------------------------------------------------------------------
+
+def submit(runtime: Runtime, chat_request: ChatRequest) -> Generation:
+    try:
+        return runtime.ready_engine().submit(chat_request)
+    except NotReady as err:
+        raise ServiceUnavailable(str(err), retry_after=LOADING_RETRY_AFTER) from None
+    except QueueFull as err:
+        raise ServiceUnavailable(str(err), retry_after=err.retry_after) from None
+    except EngineStopped:
+        raise ServiceUnavailable("The server is shutting down; try again in a few seconds.",
+                                 retry_after=SHUTDOWN_RETRY_AFTER) from None
+
+
+def refuse(error: Error) -> NoReturn:
+    """An engine error before anything was sent: the status that says whose fault it is."""
+    if error.code == "prompt_too_long":
+        abort(400, description=f"userPrompt + conversationHistory: {error.message}")
+    if error.code == "shutdown":
+        raise ServiceUnavailable(error.message, retry_after=SHUTDOWN_RETRY_AFTER)
+    raise InternalServerError(error.message)
+
+
+def next_event(generation: Generation, environ: dict) -> Event:
+    """The generation's next event; raises ClientGone if the client has left.
+
+    Checked at every event (a zero-timeout ``select``, cheap next to a decode step) and at
+    least every ``DISCONNECT_POLL_SECONDS`` while none comes (a queued or long prompt).
+    """
+    while True:
+        event = generation.next_event(DISCONNECT_POLL_SECONDS)
+        if client_disconnected(environ):
+            raise ClientGone()
+        if event is not None:
+            return event
+
+
+def last_event(generation: Generation, first: Event, environ: dict) -> Done:
+    event = first
+    while not isinstance(event, (Done, Error)):
+        event = next_event(generation, environ)
+    if isinstance(event, Error):
+        refuse(event)
+    return event
+
+
+def client_disconnected(environ: dict) -> bool:
+    """True when the client has closed its connection (gunicorn only; False when unknown).
+
+    A request's body has been read by now, so a readable socket that yields no bytes to a
+    peek is one the client has closed. TLS sockets cannot be peeked at; there the failed
+    write of the next chunk tells instead.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # an SSL socket refuses recv flags
+        return False
+    except OSError:  # reset by the peer
+        return True
+
+
+# -- 6. rendering ----------------------------------------------------------------------------
+
+def streamed(generation: Generation, first: Event, environ: dict,
+             render: Callable[[Event], str], mimetype: str) -> Response:
+    return Response(stream_events(generation, first, environ, render), mimetype=mimetype,
+                    headers=STREAM_HEADERS)
+
+
+def stream_events(generation: Generation, first: Event, environ: dict,
+                  render: Callable[[Event], str]) -> Iterator[str]:
+    """Yield each rendered event as it comes; cancel the generation if the client leaves.
+
+    gunicorn closes this iterator when a write fails (GeneratorExit at the ``yield``);
+    :func:`next_event` notices a closed connection even before a write fails.
+    """
+    event, finished = first, False
+    try:
+        while True:
+            finished = isinstance(event, (Done, Error))
+            chunk = render(event)
+            if chunk:
+                yield chunk
+            if finished:
+                return
+            event = next_event(generation, environ)
+    except ClientGone:
+        return
+    finally:
+        if not finished:
+            generation.cancel()
+
+
+def render_plain(event: Event) -> str:
+    if isinstance(event, Delta):
+        return event.text
+    if isinstance(event, Error):
+        raise StreamFailed(event.message)
+    return ""
+
+
+def render_sse(event: Event, model: str) -> str:
+    if isinstance(event, Delta):
+        return sse("delta", {"text": event.text})
+    if isinstance(event, Done):
+        return sse("done", reply_json(event, model))
+    return sse("error", {"code": event.code, "message": event.message})
+
+
+def sse(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"  # json.dumps keeps it on one line
+
+
+def reply_json(done: Done, model: str) -> dict[str, Any]:
+    return {
+        "response": done.text,
+        "finishReason": done.finish_reason,
+        "usage": {"promptTokens": done.prompt_tokens,
+                  "completionTokens": done.completion_tokens},
+        "timings": done.timings,
+        "model": model,
+    }
+
+
+# -- CORS ------------------------------------------------------------------------------------
+
+def cors_allowed(origin: str | None) -> bool:
+    if not origin:
+        return False
+    allowed = {o.lower().rstrip("/") for o in current_runtime().settings["allowedOrigins"]}
+    return origin.lower().rstrip("/") in allowed
+
+
+def options_response() -> Response:
+    """Answer a CORS preflight for allowed origins; anyone else learns only ``Allow``."""
+    response = Response(status=204, headers={"Allow": ALLOWED_METHODS})
+    del response.headers["Content-Type"]  # no body
+    if cors_allowed(request.headers.get("Origin")) and request.headers.get(
+            "Access-Control-Request-Method"):
+        response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Accept"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response

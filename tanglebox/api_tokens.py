@@ -1,0 +1,213 @@
+"""The API token file: who may call the API when ``isApiTokensRequired`` is on.
+
+The format is the original Tanglebox's ``apiTokens.txt``, so an existing file keeps working::
+
+    format-of-file=username:TOKEN
+    tangles:c02936d8-4c07-40e8-b008-89200629bc5e
+    ci-bot:sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+
+One ``name:token`` pair per line under the header line. A token may also be stored hashed, as
+``name:sha256:<64 hex digits>`` (the SHA-256 of the token): then the file alone does not give
+the token away. Tokens are long random strings, so an unsalted SHA-256 is enough (as GitHub
+does for its tokens); a salt protects guessable secrets such as passwords, not these.
+
+Rules, each chosen so that a mistake in the file refuses access rather than grants it:
+
+- blank lines, ``#`` comments, the header, and a token that is literally ``TOKEN`` (the
+  header's placeholder, which the original also skipped) never match anything;
+- a line that is not ``name:token`` is ignored and logged by line number, never by content;
+- a missing file means every token is refused.
+
+The server keeps an :class:`ApiTokens` and asks it on every request; it re-reads the file when
+its modification time, size or inode change, so ``python -m tanglebox tokens add`` (or an
+editor) takes effect without a restart. Comparison is by SHA-256 digest with
+``hmac.compare_digest`` over every entry, so timing says nothing about how much of a token
+matched. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = "format-of-file=username:TOKEN"
+HASH_PREFIX = "sha256:"
+PLACEHOLDER = "TOKEN"  # the header's example value; never a real token
+TOKEN_PREFIX = "tbx_"  # makes leaked tokens easy to recognise for secret scanners
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class TokenFileError(Exception):
+    """A token file operation the user must fix (a bad name, a duplicate, an unknown name)."""
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    name: str
+    digest: bytes  # SHA-256 of the token
+    hashed: bool  # stored in the file as a hash rather than the token itself
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 of ``token`` as hex: what a hashed line stores."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits), safe in a URL, a header and the file's format."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def parse_token_file(text: str, source: str = "the token file") -> list[TokenEntry]:
+    """Every valid entry in ``text``; malformed lines are logged (by number) and skipped."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#") or line.startswith("format-of-file="):
+            continue
+        name, colon, secret = line.partition(":")
+        name, secret = name.strip(), secret.strip()
+        if not colon or not name or not secret:
+            log.warning("%s, line %d: not a name:token pair; ignored", source, number)
+            continue
+        if secret == PLACEHOLDER:
+            continue
+        if secret.startswith(HASH_PREFIX):
+            digest = secret[len(HASH_PREFIX):]
+            if not _HEX_DIGEST.fullmatch(digest):
+                log.warning("%s, line %d: a sha256: entry needs 64 hex digits; ignored",
+                            source, number)
+                continue
+            entries.append(TokenEntry(name, bytes.fromhex(digest), hashed=True))
+        else:
+            entries.append(TokenEntry(name, hashlib.sha256(secret.encode("utf-8")).digest(),
+                                      hashed=False))
+    return entries
+
+
+def read_token_file(path: Path) -> list[TokenEntry]:
+    """The entries of the file at ``path``; none when it does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return parse_token_file(text, source=str(path))
+
+
+class ApiTokens:
+    """The server's view of the token file, re-read whenever the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._entries: list[TokenEntry] = []
+        self._fingerprint: tuple | None = ()  # () = never read; None = file missing
+
+    def owner(self, token: str | None) -> str | None:
+        """The name the token belongs to, or None if it is not a valid token."""
+        if not token or not token.strip():
+            return None
+        presented = hashlib.sha256(token.strip().encode("utf-8")).digest()
+        found = None
+        # Compare against every entry, without stopping at a match, so the time taken does
+        # not depend on which entry (if any) matched.
+        for entry in self._current_entries():
+            if hmac.compare_digest(entry.digest, presented) and found is None:
+                found = entry.name
+        return found
+
+    def is_valid(self, token: str | None) -> bool:
+        return self.owner(token) is not None
+
+    def _current_entries(self) -> list[TokenEntry]:
+        try:
+            stat = self.path.stat()
+            fingerprint = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            fingerprint = None
+        except OSError as err:
+            log.error("API tokens: cannot read %s (%s); every token is refused", self.path,
+                      err.strerror)
+            return []
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self._entries = read_token_file(self.path) if fingerprint else []
+            if fingerprint is None:
+                log.warning("API tokens: %s does not exist, so every token is refused; "
+                            "create one with: python -m tanglebox tokens add NAME", self.path)
+            else:
+                log.info("API tokens: loaded %d from %s", len(self._entries), self.path)
+        return self._entries
+
+
+def add_token(path: Path, name: str, hashed: bool = False) -> str:
+    """Create a token for ``name``, store it (plain or hashed) and return it."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise TokenFileError(f"\"{name}\" is not a usable token name: use 1 to 64 letters, "
+                             "digits and . _ @ + - (starting with a letter or digit)")
+    if any(entry.name == name for entry in read_token_file(path)):
+        raise TokenFileError(f"{path} already has a token named \"{name}\"; "
+                             f"revoke it first (tokens revoke {name})")
+    token = new_token()
+    stored = HASH_PREFIX + hash_token(token) if hashed else token
+    lines = _read_lines(path)
+    if not lines:
+        lines = [HEADER]
+    _write_lines(path, [*lines, f"{name}:{stored}"])
+    return token
+
+
+def list_tokens(path: Path) -> list[TokenEntry]:
+    return read_token_file(path)
+
+
+def revoke_token(path: Path, name: str) -> None:
+    """Remove every token line for ``name``; raises TokenFileError if there is none."""
+    lines = _read_lines(path)
+    kept = [line for line in lines if not _is_entry_for(line, name)]
+    if len(kept) == len(lines):
+        raise TokenFileError(f"{path} has no token named \"{name}\"")
+    _write_lines(path, kept)
+
+
+def _is_entry_for(line: str, name: str) -> bool:
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#") or stripped.startswith("format-of-file="):
+        return False
+    entry_name, colon, _ = stripped.partition(":")
+    return bool(colon) and entry_name.strip() == name
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Replace the file atomically, so the server never reads half of it."""
+    if not path.parent.is_dir():
+        raise TokenFileError(f"{path}: its folder {path.parent} does not exist")
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o600  # a new file of secrets: readable by its owner only
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write("\n".join(lines) + "\n")
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
