@@ -28,6 +28,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.extensions["tanglebox"] = runtime or Runtime(settings)
     app.config.update(
         MAX_CONTENT_LENGTH=settings["maxRequestBytes"],
+        # Flask caps a form field at 500 kB by default; a form prompt may be as long as JSON.
+        MAX_FORM_MEMORY_SIZE=settings["maxRequestBytes"],
         # A message over the limit closes the socket with 1009 (simple-websocket's rule).
         SOCK_SERVER_OPTIONS={"max_message_size": settings["maxRequestBytes"],
                              "ping_interval": 25},
