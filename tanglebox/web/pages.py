@@ -1,10 +1,20 @@
-"""Pages: the chat UI at ``/``, the embeddable widget at ``/widget``, and ``/health``."""
+"""Pages: the chat UI at ``/``, the embeddable widget at ``/widget``, and ``/health``.
+
+The chat pages are rendered with an empty conversation and a fresh conversation id in their
+socket URL (``/ws/chat?conversation=…``); everything after that arrives over the socket
+(``ui_socket``) as fragments of the same partials.
+"""
 
 from __future__ import annotations
+
+from urllib.parse import urlencode
 
 from flask import Blueprint, jsonify, render_template
 
 from tanglebox.runtime import READY, current_runtime
+from tanglebox.web.security import allow_framing
+from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation, new_conversation_id
+from tanglebox.web.ui_fragments import ui_context
 
 blueprint = Blueprint("pages", __name__)
 
@@ -36,5 +46,31 @@ def health():
 
 @blueprint.get("/")
 def index():
+    """The chat UI."""
+    return render_template("index.html", **_chat_page_context(PAGE))
+
+
+@blueprint.get("/widget")
+def widget():
+    """The compact chat for an iframe; only ``widgetAllowedOrigins`` may frame it.
+
+    The query string is never read: a prompt must not come from a link (SECURITY.md).
+    """
+    settings = current_runtime().settings
+    allow_framing(settings["widgetAllowedOrigins"])
+    return render_template("widget.html", widget_title=settings["widgetTitle"],
+                           **_chat_page_context(WIDGET))
+
+
+def _chat_page_context(surface: str) -> dict:
     runtime = current_runtime()
-    return render_template("index.html", model_name=runtime.model_name, device=runtime.device)
+    conversation_id = new_conversation_id()
+    conversation = new_conversation(conversation_id, surface, runtime.settings)
+    settings = runtime.settings
+    return {
+        **ui_context(runtime, conversation),
+        "socket_url": "/ws/chat?" + urlencode({"conversation": conversation_id,
+                                               "surface": surface}),
+        "maintenance_message": settings["maintenanceMessage"] if settings["maintenanceMode"]
+        else "",
+    }

@@ -1,7 +1,411 @@
-"""The HTMX chat socket at ``/ws/chat``."""
+"""The chat UI's socket at ``/ws/chat``: htmx's ws extension in, HTML fragments out.
+
+One socket's life:
+
+- **connect**: the Origin was checked before the upgrade (``security.py``). The socket attaches
+  to the conversation named by ``?conversation=`` (a new one when unknown; see
+  ``ui_conversation``) and sends the *sync*, so a page that reconnects shows what the server
+  holds. If another socket was still writing a reply for that conversation, the reply is
+  interrupted first (a reconnecting page takes its conversation over).
+- **loop**: wait for a message, act on it, answer with fragments. A socket silent for
+  ``socketIdleTimeoutSeconds`` is closed (code 1000, reason "idle"; the page reconnects when the
+  person comes back).
+- **close**: the reply being written for this socket is cancelled (what was written stays, noted
+  "Interrupted."); the conversation is kept for a while so a reconnect can carry on.
+
+Client to server: htmx sends a form's values as a JSON object plus a ``HEADERS`` object (ignored)::
+
+    {"userPrompt": "…"}          send a message (the composer form)
+    {"action": "stop"}           stop the reply being written
+    {"action": "regenerate"}     write the last reply again
+    {"action": "new"}            New chat: forget the conversation
+    {"action": "settings", "temperature": "0.7", "maxNewTokens": "512", "systemPrompt": ""}
+
+Server to client: each line below is one websocket message; every top-level element in it
+carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
+
+    connect      #messages, #composer [, #settings-form on the page, not the widget]
+    send         1   div[hx-swap-oob="beforeend:#messages"] > section#turn-N (the person's
+                     message, article#turn-N-reply empty and aria-busy), #composer (disabled,
+                     with Stop), #chat-error (empty)
+                 2…  article#turn-N-reply: the WHOLE reply so far rendered again (Markdown on
+                     the server; never raw tokens appended to HTML), at most every
+                     RENDER_INTERVAL_SECONDS (longer for long replies)
+                 3   article#turn-N-reply (final; a note when it ended early), #composer
+                     (enabled, Regenerate on)
+    regenerate   1   article#turn-N-reply (empty, aria-busy), #composer (disabled),
+                     #chat-error (empty); then 2 and 3 as for send
+    stop         the reply ends at once: 3, with the note "Stopped."
+    new          #messages (empty), #composer, #chat-error (empty); while a reply streams, the
+                 reply is stopped first (no step 3)
+    settings     #settings-form (saved; or the bad fields named, and nothing changed); while
+                 a reply streams they apply from the next reply on
+    refused      #chat-error (why), #composer (enabled, the person's text put back):
+                 bad input, maintenance, model loading, queue full, a reply already being
+                 written. An engine error after step 1 first removes the turn
+                 (div#turn-N hx-swap-oob="delete"), or for regenerate restores the old reply.
+                 An unreadable message, or a message other than Stop, New chat or settings
+                 while a reply streams: #chat-error alone (the reply goes on).
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
 
-def register(sock) -> None:
+from flask import current_app, request
+from flask_sock import Sock
+
+from tanglebox.chat_request import (
+    RequestError,
+    build_chat_request,
+    parse_max_new_tokens,
+    parse_system_prompt,
+    parse_temperature,
+    parse_user_prompt,
+)
+from tanglebox.engine import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_SHUTDOWN,
+    FINISH_TIMEOUT,
+    Delta,
+    Done,
+    EngineStopped,
+    Error,
+    Generation,
+    QueueFull,
+)
+from tanglebox.prompting import USER, Message
+from tanglebox.runtime import NotReady, Runtime, current_runtime
+from tanglebox.web.ui_conversation import (
+    PAGE,
+    WIDGET,
+    ChatSettings,
+    Conversation,
+    ReplyInProgress,
+    Turn,
+    conversation_store,
+    new_conversation,
+)
+from tanglebox.web.ui_fragments import (
+    composer_fragment,
+    delete_fragment,
+    error_fragment,
+    messages_fragment,
+    new_turn_fragment,
+    reply_fragment,
+    settings_form_values,
+    settings_fragment,
+)
+
+RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
+RENDER_COST_FACTOR = 5  # a long reply renders slower: update it less often (render CPU <= 20 %)
+STOP_POLL_SECONDS = 0.05  # while streaming, how often the socket is checked for a Stop
+TAKEOVER_WAIT_SECONDS = 2.0  # a reconnecting page waits this long for the old reply to end
+IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
+
+BUSY = "A reply is still being written: wait for it, or press Stop."
+FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
+                "maxNewTokens": "Max new tokens", "systemPrompt": "System prompt"}
+FINISH_NOTES = {
+    FINISH_CANCELLED: "Stopped.",
+    FINISH_TIMEOUT: "Stopped: the reply took too long.",
+    FINISH_SHUTDOWN: "Stopped: the server is shutting down.",
+}
+
+
+class Refused(Exception):
+    """A request the socket answers with an error fragment; the message says why."""
+
+
+def register(sock: Sock) -> None:
     """Attach the socket route."""
+
+    @sock.route("/ws/chat")
+    def chat_socket(ws) -> None:
+        runtime = current_runtime()
+        store = conversation_store(current_app)
+        surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
+        conversation = store.attach(
+            request.args.get("conversation"),
+            lambda conversation_id: new_conversation(conversation_id, surface, runtime.settings))
+        try:
+            ChatSocket(ws, runtime, conversation, f"ui:{request.remote_addr}").run()
+        finally:
+            store.detach(conversation)
+
+
+def parse_message(raw: Any) -> dict[str, Any]:
+    """A client message: a JSON object (htmx's ws-send), without its HEADERS."""
+    try:
+        message = json.loads(raw)
+    except (TypeError, ValueError):
+        raise Refused("The server could not read that message (expected the chat form "
+                      "as JSON).") from None
+    if not isinstance(message, dict):
+        raise Refused("The server could not read that message (expected a JSON object).")
+    message.pop("HEADERS", None)
+    return message
+
+
+def field_error(err: RequestError) -> str:
+    """``"temperature: must be …"`` as a sentence for a person: ``"Must be …."``."""
+    text = str(err).split(": ", 1)[-1]
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def request_error(err: RequestError) -> str:
+    return f"{FIELD_LABELS.get(err.param, err.param)}: {field_error(err)}"
+
+
+class ChatSocket:
+    """One UI socket: its conversation, and the loop that answers it."""
+
+    def __init__(self, ws, runtime: Runtime, conversation: Conversation,
+                 client_id: str) -> None:
+        self.ws = ws
+        self.runtime = runtime
+        self.conversation = conversation
+        self.client_id = client_id
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._take_over()
+        self.send(*self._sync())
+        idle_timeout = self.runtime.settings["socketIdleTimeoutSeconds"]
+        while True:
+            raw = self.ws.receive(timeout=idle_timeout)
+            if raw is None:
+                self.ws.close(reason=IDLE_CLOSE_CODE, message="idle")
+                return
+            self.handle(raw)
+
+    def handle(self, raw: Any) -> None:
+        try:
+            message = parse_message(raw)
+        except Refused as refusal:
+            self.send(error_fragment(str(refusal)))
+            return
+        action = message.get("action") or "send"
+        if action == "send":
+            self.send_prompt(message.get("userPrompt"))
+        elif action == "regenerate":
+            self.regenerate()
+        elif action == "new":
+            self.new_chat()
+        elif action == "settings":
+            self.apply_settings(message)
+        elif action != "stop":  # a late Stop: the reply has already ended
+            self.send(error_fragment(f"Unknown action {str(action)[:40]!r}."))
+
+    def send(self, *fragments: str) -> None:
+        self.ws.send("".join(fragments))
+
+    # -- actions -----------------------------------------------------------------------
+
+    def send_prompt(self, user_prompt: Any) -> None:
+        draft = user_prompt if isinstance(user_prompt, str) else ""
+        try:
+            prompt = parse_user_prompt(user_prompt)
+            generation = self._submit(self.conversation.history(), prompt)
+        except RequestError as err:
+            self._refuse(request_error(err), draft)
+            return
+        except Refused as refusal:
+            self._refuse(str(refusal), draft)
+            return
+        turn = self.conversation.add_turn(prompt)
+        self.conversation.reply = ReplyInProgress(generation)
+        self.send(new_turn_fragment(turn), self._composer(), error_fragment(""))
+        self._stream(turn, previous=None)
+
+    def regenerate(self) -> None:
+        if not self.conversation.turns:
+            self._refuse("There is no reply to write again yet.")
+            return
+        turn = self.conversation.turns[-1]
+        try:
+            generation = self._submit(self.conversation.history(before=turn), turn.prompt)
+        except Refused as refusal:
+            self._refuse(str(refusal))
+            return
+        previous = (turn.reply, turn.note)
+        turn.reply, turn.note = "", ""
+        self.conversation.reply = ReplyInProgress(generation)
+        self.send(reply_fragment(turn, "", streaming=True), self._composer(),
+                  error_fragment(""))
+        self._stream(turn, previous=previous)
+
+    def new_chat(self) -> None:
+        if self.conversation.busy:
+            self._refuse(BUSY)
+            return
+        self.conversation.clear()
+        self.send(messages_fragment(self.runtime, self.conversation), self._composer(),
+                  error_fragment(""))
+
+    def apply_settings(self, message: dict[str, Any]) -> None:
+        """All three values valid: applied to this conversation; else nothing changes."""
+        if self.conversation.surface == WIDGET:
+            self.send(error_fragment("The widget's settings are set by the server."))
+            return
+        form = {key: message.get(key, "") for key in ("temperature", "maxNewTokens",
+                                                      "systemPrompt")}
+        limit = self.runtime.settings["maxNewTokensLimit"]
+        parsers = {"temperature": parse_temperature,
+                   "maxNewTokens": lambda value: parse_max_new_tokens(value, limit),
+                   "systemPrompt": parse_system_prompt}
+        parsed: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for key, parse in parsers.items():
+            try:
+                parsed[key] = parse(form[key])
+            except RequestError as err:
+                errors[key] = field_error(err)
+        if errors:
+            shown = {key: value if isinstance(value, str) else json.dumps(value)
+                     for key, value in form.items()}
+            self.send(settings_fragment(self.runtime, shown, errors,
+                                        "Not applied: correct the marked field."))
+            return
+        self.conversation.settings = ChatSettings(
+            parsed["temperature"], parsed["maxNewTokens"], parsed["systemPrompt"])
+        self.send(settings_fragment(self.runtime, settings_form_values(
+            self.conversation.settings), {}, "Applied to this conversation."))
+
+    # -- streaming a reply -------------------------------------------------------------
+
+    def _submit(self, history: list[Message], prompt: str) -> Generation:
+        """Queue a reply; raises Refused (busy, maintenance, loading, queue full)."""
+        if self.conversation.busy:
+            raise Refused(BUSY)
+        settings = self.runtime.settings
+        if settings["maintenanceMode"]:
+            raise Refused(settings["maintenanceMessage"])
+        try:
+            engine = self.runtime.ready_engine()
+        except NotReady as err:
+            raise Refused(str(err)) from None
+        chat = self.conversation.settings
+        chat_request = build_chat_request({
+            "userPrompt": prompt,
+            "conversationHistory": [["Human" if m.role == USER else "AI", m.content]
+                                    for m in history],
+            "systemPrompt": chat.system_prompt,
+            "temperature": chat.temperature,
+            "maxNewTokens": chat.max_new_tokens,
+        }, self.runtime.limits(), self.client_id, from_json=True)
+        try:
+            return engine.submit(chat_request)
+        except QueueFull as err:
+            raise Refused(str(err)) from None
+        except EngineStopped:
+            raise Refused("The server is shutting down; try again in a moment.") from None
+
+    def _stream(self, turn: Turn, previous: tuple[str, str] | None) -> None:
+        """Relay the reply (fragments 2 and 3), watching the socket for Stop or New chat."""
+        reply = self.conversation.reply
+        text, shown, outcome, command = "", "", None, ""
+        last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
+        try:
+            while True:
+                event = reply.generation.next_event(timeout=STOP_POLL_SECONDS)
+                if isinstance(event, Delta):
+                    text += event.text
+                elif event is not None:
+                    outcome = event
+                    break
+                command = self._command_while_streaming()
+                if command or reply.interrupted:
+                    break
+                now = time.monotonic()
+                if text != shown and now - last_render >= interval:
+                    self.send(reply_fragment(turn, text, streaming=True))
+                    interval = max(RENDER_INTERVAL_SECONDS,
+                                   RENDER_COST_FACTOR * (time.monotonic() - now))
+                    shown, last_render = text, now
+        finally:
+            if outcome is None:  # Stop, New chat, a closed socket, or a reconnect took over
+                reply.generation.cancel()
+                turn.reply = text
+                turn.note = "Stopped." if command else "Interrupted."
+            self.conversation.reply = None
+            reply.finished.set()
+        if reply.interrupted:
+            return  # the socket that took over shows the conversation as it now stands
+        if isinstance(outcome, Error):
+            self._fail_turn(turn, previous, outcome.message)
+            return
+        if isinstance(outcome, Done):
+            turn.reply, turn.note = outcome.text, self._finish_note(outcome)
+        if command == "new":
+            self.new_chat()
+        else:
+            self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
+                      self._composer())
+
+    def _command_while_streaming(self) -> str:
+        """"stop" or "new" when the reply must end now; answers other messages meanwhile."""
+        while True:
+            raw = self.ws.receive(timeout=0)  # a closed socket raises here: the reply ends
+            if raw is None:
+                return ""
+            try:
+                message = parse_message(raw)
+            except Refused as refusal:
+                self.send(error_fragment(str(refusal)))
+                continue
+            action = message.get("action") or "send"
+            if action in ("stop", "new"):
+                return action
+            if action == "settings":
+                self.apply_settings(message)  # they apply from the next reply on
+            else:
+                self.send(error_fragment(BUSY))
+
+    def _finish_note(self, done: Done) -> str:
+        if done.finish_reason == FINISH_LENGTH:
+            return (f"Stopped at the limit of {self.conversation.settings.max_new_tokens} "
+                    "new tokens.")
+        if done.finish_reason in FINISH_NOTES:
+            return FINISH_NOTES[done.finish_reason]
+        return "" if done.text.strip() else "The model gave an empty reply."
+
+    def _fail_turn(self, turn: Turn, previous: tuple[str, str] | None, message: str) -> None:
+        """An engine error: a new turn disappears (its text back in the composer); a
+        regenerated reply goes back to what it was."""
+        if previous is None:
+            self.conversation.remove_turn(turn)
+            self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
+                      self._composer(draft=turn.prompt))
+        else:
+            turn.reply, turn.note = previous
+            self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
+                      error_fragment(message), self._composer())
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _take_over(self) -> None:
+        """A reconnecting page interrupts the reply its old socket may still be writing."""
+        reply = self.conversation.reply
+        if reply is not None:
+            reply.interrupted = True
+            reply.finished.wait(TAKEOVER_WAIT_SECONDS)
+
+    def _sync(self) -> list[str]:
+        fragments = [messages_fragment(self.runtime, self.conversation),
+                     composer_fragment(self.runtime, self.conversation, keep_draft=True)]
+        if self.conversation.surface == PAGE:
+            fragments.append(settings_fragment(
+                self.runtime, settings_form_values(self.conversation.settings), {}, ""))
+        return fragments
+
+    def _composer(self, draft: str = "") -> str:
+        """The composer as the conversation stands: disabled while a reply is written."""
+        return composer_fragment(self.runtime, self.conversation, draft=draft)
+
+    def _refuse(self, message: str, draft: str = "") -> None:
+        self.send(error_fragment(message), self._composer(draft=draft))

