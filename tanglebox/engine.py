@@ -140,6 +140,9 @@ class Engine:
                  queue_size: int = 32, request_timeout: float = 600.0, seed: int = -1,
                  log_prompts: bool = False) -> None:
         self.backend = backend
+        # Prompt tokens per step while other sequences wait on the step (see _step); a
+        # backend on hardware where prompt tokens are nearly free in a batch sets it high.
+        self.prefill_chunk = getattr(backend, "prefill_chunk", backend.batch_tokens)
         self.template_name = template_name
         self.default_system_prompt = default_system_prompt
         self.queue_size = queue_size
@@ -166,15 +169,28 @@ class Engine:
 
     def submit(self, request: ChatRequest) -> Generation:
         """Queue a request; raises QueueFull or EngineStopped at once instead of waiting."""
-        generation = Generation(request)
         with self._lock:
             if self._stopping:
                 raise EngineStopped()
+            dropped = []
             if self._in_system >= len(self._slots) + self.queue_size:
-                raise QueueFull(retry_after=self._retry_after())
-            self._in_system += 1
-            queue = self._pending.setdefault(request.client_id, collections.deque())
-            queue.append(generation)
+                # Requests whose clients left while waiting still hold places in the queue
+                # until the engine reaches them; free those places before refusing anyone.
+                dropped = self._take_cancelled_pending()
+            if self._in_system >= len(self._slots) + self.queue_size:
+                refused = QueueFull(retry_after=self._retry_after())
+            else:
+                refused = None
+                # Made only once admitted: each Generation holds an event watcher until its
+                # final event, so a refused request must not create one.
+                generation = Generation(request)
+                self._in_system += 1
+                queue = self._pending.setdefault(request.client_id, collections.deque())
+                queue.append(generation)
+        for cancelled in dropped:
+            cancelled._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+        if refused is not None:
+            raise refused
         self._wakeup.set()
         return generation
 
@@ -194,14 +210,22 @@ class Engine:
             return {"slots": len(self._slots), "busy": self._in_system - waiting,
                     "waiting": waiting}
 
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        """Take no new work, let running replies finish (up to a limit), then end the thread."""
+    def stop(self, drain_seconds: float = 30.0, wait: bool = True) -> None:
+        """Take no new work, let running replies finish (up to a limit), then end the thread.
+
+        Replies still running after ``drain_seconds`` end with finish reason ``shutdown``.
+        ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet);
+        a second call can shorten the drain, never lengthen it.
+        """
         with self._lock:
+            deadline = time.monotonic() + drain_seconds
+            if self._stopping:
+                deadline = min(deadline, self._drain_deadline)
             self._stopping = True
-            self._drain_deadline = time.monotonic() + drain_seconds
+            self._drain_deadline = deadline
         self._wakeup.set()
-        if self._started:
-            self._stopped.wait(drain_seconds + 5)
+        if self._started and wait:
+            self._stopped.wait(max(0.0, deadline - time.monotonic()) + 5)
 
     def _retry_after(self) -> int:
         return 2 + self.queue_size // max(1, len(self._slots))
@@ -211,19 +235,34 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
-                self._admit()
-                if self._stopping and self._drain_expired():
-                    self._shut_down()
-                    return
-                if not self._active:
-                    if self._stopping and self._in_system == 0:
+                try:
+                    if not self._iterate():
                         return
-                    self._wakeup.wait(0.5)
-                    continue
-                self._step()
+                except Exception:  # noqa: BLE001 - a bug must not leave replies hanging
+                    log.exception("the engine loop failed; ending the replies in progress")
+                    for seq in list(self._active):
+                        self._fail_sequence(seq, Error("internal",
+                                                       "The model failed; please try again."))
         finally:
-            self.backend.close()
-            self._stopped.set()
+            try:
+                self.backend.close()
+            finally:
+                self._stopped.set()
+
+    def _iterate(self) -> bool:
+        """Admit, then step once; False when the engine has stopped for good."""
+        self._drop_cancelled_pending()
+        self._admit()
+        if self._stopping and self._drain_expired():
+            self._shut_down()
+            return False
+        if not self._active:
+            if self._stopping and self._in_system == 0:
+                return False
+            self._wakeup.wait(0.5)
+            return True
+        self._step()
+        return True
 
     def _admit(self) -> None:
         while True:
@@ -249,6 +288,27 @@ class Engine:
             generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
         return None
 
+    def _drop_cancelled_pending(self) -> None:
+        """Answer waiting requests whose clients have gone, so they free their places now."""
+        with self._lock:
+            dropped = self._take_cancelled_pending()
+        for generation in dropped:
+            generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+
+    def _take_cancelled_pending(self) -> list[Generation]:
+        """Remove cancelled requests from the queue (under ``_lock``); the caller answers them."""
+        dropped = []
+        for client in [c for c, q in self._pending.items() if any(g.cancelled for g in q)]:
+            queue = self._pending[client]
+            dropped += [g for g in queue if g.cancelled]
+            kept = collections.deque(g for g in queue if not g.cancelled)
+            if kept:
+                self._pending[client] = kept
+            else:
+                del self._pending[client]
+        self._in_system -= len(dropped)
+        return dropped
+
     def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
         request = generation.request
         try:
@@ -257,9 +317,15 @@ class Engine:
         except TemplateError as err:
             self._fail(generation, Error("template", str(err)))
             return
-        except Exception:
+        except Exception:  # noqa: BLE001 - one bad prompt must not stop the engine
             log.exception("preparing a prompt failed")
             self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            return
+        if generation.cancelled:  # the client left while its prompt was being prepared
+            self._fail(generation, Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+            return
+        if time.monotonic() - generation.submitted_at > self.request_timeout:
+            self._fail(generation, Done(FINISH_TIMEOUT, "", 0, 0, 0, {}))
             return
         context = self.backend.context_length
         if len(tokens) >= context:
@@ -273,7 +339,12 @@ class Engine:
                      prompt.text)
         slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
         keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
-        self.backend.forget(slot.index, keep)
+        try:
+            self.backend.forget(slot.index, keep)
+        except Exception:  # noqa: BLE001
+            log.exception("clearing slot %d failed", slot.index)
+            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            return
         del slot.tokens[keep:]
         slot.busy = True
         seed = next(self._seeds) if self._seeds is not None else None
@@ -291,18 +362,25 @@ class Engine:
                 self._finish(seq, FINISH_TIMEOUT)
         if not self._active:
             return
-        items, budget = [], self.backend.batch_tokens
+        items = []
         generating = [s for s in self._active if s.next_token is not None]
+        reading = [s for s in self._active if s.next_token is None]  # oldest first
         for seq in generating:  # streams first: a long prompt never stalls them
             items.append((seq, DecodeItem(seq.slot.index, [seq.next_token], len(seq.slot.tokens))))
-            budget -= 1
-        for seq in self._active:
-            if seq.next_token is None and budget > 0:
-                chunk = seq.to_prefill[:budget]
-                del seq.to_prefill[:len(chunk)]
-                budget -= len(chunk)
-                items.append((seq, DecodeItem(seq.slot.index, chunk, len(seq.slot.tokens),
-                                              want_logits=not seq.to_prefill)))
+        budget = self.backend.batch_tokens - len(generating)
+        if generating or len(reading) > 1:
+            # Others wait on this step: read at most a chunk of prompt, so streams keep
+            # flowing during a long prompt, and whole prompts oldest first, so the first to
+            # come gets its first token first (prompt tokens cost the same in any step here).
+            budget = min(budget, self.prefill_chunk)
+        for seq in reading:
+            if budget <= 0 or (len(items) > len(generating) and len(seq.to_prefill) > budget):
+                break
+            chunk = seq.to_prefill[:budget]
+            del seq.to_prefill[:len(chunk)]
+            budget -= len(chunk)
+            items.append((seq, DecodeItem(seq.slot.index, chunk, len(seq.slot.tokens),
+                                          want_logits=not seq.to_prefill)))
         try:
             all_logits = self.backend.decode([item for _, item in items])
         except Exception:
@@ -313,8 +391,13 @@ class Engine:
         for (seq, item), logits in zip(items, all_logits):
             seq.slot.tokens.extend(item.tokens)
             if item.want_logits:
-                self._accept_token(seq, sample_token(logits, seq.generation.request.temperature,
-                                                     seq.rng))
+                try:
+                    token = sample_token(logits, seq.generation.request.temperature, seq.rng)
+                    self._accept_token(seq, token)
+                except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
+                    log.exception("sampling a token failed")
+                    self._fail_sequence(seq, Error("internal",
+                                                   "The model failed; please try again."))
 
     def _accept_token(self, seq: _Sequence, token: int) -> None:
         if seq.first_token_at is None:
@@ -357,7 +440,8 @@ class Engine:
                      seq.completion_tokens, timings)
 
     def _fail_sequence(self, seq: _Sequence, error: Error) -> None:
-        self._release(seq)
+        if seq in self._active:
+            self._release(seq)
         seq.generation._emit(error)
 
     def _release(self, seq: _Sequence) -> None:
@@ -367,10 +451,11 @@ class Engine:
         with self._lock:
             self._in_system -= 1
 
-    def _fail(self, generation: Generation, error: Error) -> None:
+    def _fail(self, generation: Generation, event: Error | Done) -> None:
+        """End a request that never got a slot."""
         with self._lock:
             self._in_system -= 1
-        generation._emit(error)
+        generation._emit(event)
 
     def _drain_expired(self) -> bool:
         return time.monotonic() >= self._drain_deadline

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from gunicorn.app.base import BaseApplication
@@ -28,6 +29,9 @@ log = logging.getLogger("tanglebox")
 
 WORKER_BOOT_ERROR = 3  # gunicorn's code: the master halts instead of restarting the worker
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'  # path only: no tokens
+GRACEFUL_TIMEOUT_SECONDS = 30
+DRAIN_MARGIN_SECONDS = 5  # of the graceful timeout, kept for the last messages to go out
+PINNED_GUNICORN_SETTINGS = ("worker_class", "workers")
 
 
 def preflight(settings: Settings) -> ModelLocation:
@@ -94,11 +98,12 @@ class TangleboxServer(BaseApplication):
             "worker_class": "gevent",
             "workers": 1,  # one worker per model: the model lives in the process
             "worker_connections": 1000,
-            "graceful_timeout": 30,
+            "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
             "timeout": 120,
             "loglevel": "warning",
             "accesslog": "-" if s["enableWebLogOutput"] else None,
             "access_log_format": ACCESS_LOG_FORMAT,
+            "post_worker_init": _drain_on_sigterm,
             "worker_exit": _stop_engine,
         }
         if s["useSsl"]:
@@ -106,6 +111,22 @@ class TangleboxServer(BaseApplication):
             config["keyfile"] = str(s.relative_path(s["sslKeyFile"]))
         for key, value in config.items():
             self.cfg.set(key, value)
+        self._apply_gunicorn_cmd_args()
+
+    def _apply_gunicorn_cmd_args(self) -> None:
+        """gunicorn's own ``GUNICORN_CMD_ARGS`` (e.g. ``--graceful-timeout 60``) tunes the
+        server as it would ``gunicorn``; the worker class and count stay ours."""
+        if not os.environ.get("GUNICORN_CMD_ARGS"):
+            return
+        parsed = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
+        for key, value in vars(parsed).items():
+            if value is None or key == "args":
+                continue
+            if key in PINNED_GUNICORN_SETTINGS:
+                log.warning("GUNICORN_CMD_ARGS: %s is ignored: Tanglebox runs one gevent "
+                            "worker per model (README: Deployment)", key)
+                continue
+            self.cfg.set(key.lower(), value)
 
     def load(self):
         from tanglebox.web import create_app
@@ -115,12 +136,47 @@ class TangleboxServer(BaseApplication):
         return app
 
 
+def install_graceful_shutdown(worker, runtime: Runtime) -> None:
+    """On SIGTERM, drain the engine within gunicorn's graceful timeout.
+
+    gunicorn's gevent worker, told to stop, closes its listening socket and waits up to
+    ``graceful_timeout`` for open connections, then kills them. So the engine at once refuses
+    new replies (an open socket's next prompt is told the server is shutting down), lets
+    running replies finish for ``graceful_timeout - DRAIN_MARGIN_SECONDS``, then ends the rest
+    with finish reason ``shutdown``, which every surface renders as a clear message, while
+    there is still time to send it.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    drain_seconds = max(1.0, worker.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS)
+
+    def on_sigterm(signum, frame) -> None:
+        import gevent
+        # A signal handler may interrupt a greenlet that holds the engine's lock: drain from
+        # a fresh greenlet instead (as gunicorn's own gevent worker does with SIGQUIT).
+        gevent.spawn(_start_drain, runtime, drain_seconds)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _start_drain(runtime: Runtime, drain_seconds: float) -> None:
+    if runtime.engine is not None:
+        log.info("shutting down: finishing running replies (up to %g s)", drain_seconds)
+        runtime.engine.stop(drain_seconds=drain_seconds, wait=False)
+
+
+def _drain_on_sigterm(worker) -> None:
+    """gunicorn's post_worker_init hook (``python app.py``)."""
+    install_graceful_shutdown(worker, worker.wsgi.extensions["tanglebox"])
+
+
 def _stop_engine(server, worker) -> None:
-    """Graceful shutdown: running replies finish (or end with a clear message)."""
+    """gunicorn's worker_exit hook: connections are done; end the engine's thread."""
     app = getattr(worker, "wsgi", None)
     runtime = app.extensions.get("tanglebox") if app is not None else None
     if runtime is not None and runtime.engine is not None:
-        runtime.engine.stop(drain_seconds=10)
+        runtime.engine.stop(drain_seconds=0)
 
 
 def production_app():
@@ -129,10 +185,21 @@ def production_app():
     Reads settings.json from ``TANGLEBOX_SETTINGS`` (default: ./settings.json) and the
     ``TANGLEBOX_*`` environment variables.
     """
+    from gunicorn.workers.base import Worker
+
     from tanglebox.web import create_app
     settings = load_settings(os.environ.get("TANGLEBOX_SETTINGS", "settings.json"))
     location = preflight(settings)
     configure_logging(settings)
     app = create_app(settings)
-    start_loading(app.extensions["tanglebox"], location, exit_on_failure=True)
+    runtime = app.extensions["tanglebox"]
+    # gunicorn calls this inside the worker, after the worker set its signal handlers; the
+    # SIGTERM handler is the worker's bound method. (With --preload it would be the master:
+    # the model must load in the worker, so that is refused in the docs, and skipped here.)
+    worker = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if isinstance(worker, Worker):
+        install_graceful_shutdown(worker, runtime)
+    else:
+        log.warning("not inside a gunicorn worker: SIGTERM will not drain running replies")
+    start_loading(runtime, location, exit_on_failure=True)
     return app

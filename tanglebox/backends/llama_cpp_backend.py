@@ -31,6 +31,10 @@ from tanglebox.settings import Settings
 log = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per decode call: prompt chunks are cut to fit beside the streams
+# Prompt tokens per step while other replies stream. On a CPU every token of a batch costs
+# about the same (matrix products are compute-bound), so a 512-token chunk would stall every
+# stream for the time of 512 tokens; 64 keeps a stream's pause under ~10x a normal step.
+CPU_PREFILL_CHUNK = 64
 
 
 def gpu_offload_supported() -> bool:
@@ -62,6 +66,7 @@ class LlamaCppBackend:
                         context_length, path.name, self.context_length)
         self.max_sequences = slots
         self.batch_tokens = BATCH_TOKENS
+        self.prefill_chunk = BATCH_TOKENS if gpu_layers > 0 else CPU_PREFILL_CHUNK
         threads = cpu_threads()
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = self.context_length * slots

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -140,24 +139,19 @@ def test_slots_run_side_by_side_in_one_batched_decode(make_engine):
 
 def test_round_robin_admission_across_clients(make_engine):
     engine = make_engine(max_sequences=1, queue_size=10)
-    greedy = [engine.submit(request(f"echo greedy {i}", client="greedy")) for i in range(5)]
-    polite = engine.submit(request("echo polite", client="polite"))
-    finished: list[str] = []
-    lock = threading.Lock()
-
-    def collect(generation):
-        text = run(generation)[1].text
-        with lock:
-            finished.append(text)
-
-    threads = [threading.Thread(target=collect, args=(g,)) for g in greedy + [polite]]
-    for thread in threads:
-        thread.start()
+    words = ["alpha", "bravo", "charlie", "delta", "echo"]  # distinct first letters: the cached
+    greedy = [engine.submit(request(f"echo {w}", client="greedy")) for w in words]  # prefix
+    polite = engine.submit(request("echo polite", client="polite"))  # ends at "echo "
     engine.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert finished.index("polite") <= 1  # served right after the greedy client's first
-
+    for generation in greedy + [polite]:
+        run(generation)
+    admitted = []  # prompts in the order the model first read them
+    for items in engine.backend.decode_calls:
+        for item in items:
+            text = bytes(t for t in item.tokens if t < 256).decode().removeprefix("echo ")
+            if len(item.tokens) > 1 and text and text not in admitted:
+                admitted.append(text)
+    assert admitted[:2] == ["alpha", "polite"]  # not behind the greedy client's other four
 
 def test_the_next_turn_reuses_the_cached_conversation(make_engine):
     engine = make_engine(max_sequences=2)
@@ -179,3 +173,41 @@ def test_stop_drains_running_replies_then_refuses_new_work(make_engine):
     with pytest.raises(EngineStopped):
         engine.submit(request("echo too late"))
     assert engine.backend.closed
+
+
+def test_a_long_prompt_is_read_in_chunks_while_a_reply_streams(make_engine):
+    engine = make_engine(max_sequences=2, batch_tokens=64)
+    engine.prefill_chunk = 8
+    engine.start()
+    streaming = engine.submit(request("count 100"))
+    assert isinstance(streaming.next_event(timeout=10), Delta)
+    long_text = "echo " + "x" * 200
+    assert run(engine.submit(request(long_text)))[1].text == "x" * 200
+    run(streaming)
+    stream_slot = engine.backend.decode_calls[0][0].slot
+    reading_steps = [items for items in engine.backend.decode_calls
+                     if any(i.slot != stream_slot and len(i.tokens) > 1 for i in items)]
+    assert len(reading_steps) >= 200 // 8
+    for items in reading_steps:  # the stream got its token in every step of the long prompt
+        assert [len(i.tokens) for i in items if i.slot == stream_slot] == [1]
+        assert all(len(i.tokens) <= 8 for i in items if i.slot != stream_slot)
+
+
+def test_prompts_that_arrive_together_get_their_first_token_in_order(make_engine):
+    engine = make_engine(max_sequences=4, batch_tokens=64)
+    engine.prefill_chunk = 16  # more than one of these prompts (10 tokens), less than two
+    texts = [f"echo {name}" for name in ("ant", "bee", "cat", "dog")]
+    generations = [engine.submit(request(text)) for text in texts]
+    engine.start()
+    assert [run(g)[1].text for g in generations] == ["ant", "bee", "cat", "dog"]
+
+    def step_of_first_token(text: str) -> int:
+        """The decode call that read the end of this prompt (and gave its first logits)."""
+        for index, items in enumerate(engine.backend.decode_calls):
+            for item in items:
+                if item.want_logits and text.encode() in bytes(t for t in item.tokens if t < 256):
+                    return index
+        raise AssertionError(f"{text} was never read")
+
+    steps = [step_of_first_token(text) for text in texts]
+    assert steps == sorted(steps) and len(set(steps)) == 4, steps

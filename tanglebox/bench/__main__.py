@@ -1,0 +1,417 @@
+"""Serving benchmark: K concurrent streaming clients on every surface, against the yardsticks.
+
+``python -m tanglebox.bench [--clients 1,4,8] [--rounds 3] [--max-tokens 128]
+[--surfaces original,rest,ui] [--url URL] [--llama-server PATH] [--no-direct] [--json FILE]``
+
+In one invocation, for each K and each round (interleaved, so drift on a shared machine hits
+every contestant alike):
+
+- **direct**: llama-cpp-python's low-level batch API in this process (``bench/direct.py``):
+  K sequences prefilled together, then one ``llama_decode`` per step, greedy;
+- **Tanglebox**, over each surface: K clients (threads), each on its own connection, send their
+  prompt at the same moment and stream the reply; meanwhile ``/health`` and a ``#-ping-#`` on
+  another, idle, original socket are probed every 50 ms;
+- **llama-server** (``--llama-server PATH``): llama.cpp's C++ server with the same model, ``-np K``
+  and the same threads, on ``/completion`` with the same rendered prompt, streamed.
+
+Every request is unique (a numbered prompt), so no contestant answers from a cached prompt.
+Temperature 0. Tokens are counted with the model's own tokenizer on the text each client got.
+Tanglebox is started with ``parallelSlots`` = the largest K unless ``--url`` names a running
+server (then the server's own settings apply; it must allow ``--max-tokens``).
+
+Reported per contestant and K: time to first token p50/p95 (from the prompt being sent to the
+first chunk), inter-token latency p50/p95 (per reply: first to last chunk over its tokens - 1),
+aggregate tokens/s (all tokens / wall time from the first send to the last token), and the p99
+of the ``/health`` and ping probes while the K streams run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tanglebox.bench import clients as bench_clients
+from tanglebox.bench.direct import DirectModel, cpu_threads
+from tanglebox.bench.servers import start_llama_server, start_tanglebox
+
+TOPICS = ("a dragon who learns to bake bread", "a lighthouse keeper and a storm",
+          "a robot that wants to paint", "a city under the sea", "a forest that sings",
+          "a clockmaker's last clock", "a ship lost in the fog", "a library on the moon")
+CONTEXT_LENGTH = 1024
+
+
+@dataclass
+class Run:
+    """One contestant, one K, one round."""
+
+    contestant: str
+    clients: int
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    health: list[float] = field(default_factory=list)
+    ping: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Prompts:
+    """Numbered, so every request in the whole benchmark is a different prompt."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def take(self, k: int) -> list[str]:
+        with self._lock:
+            start, self._count = self._count, self._count + k
+        return [f"Story {start + i}: write a long story about {TOPICS[(start + i) % len(TOPICS)]}."
+                for i in range(k)]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# -- contestants -------------------------------------------------------------------------------
+
+def run_direct(model: DirectModel, render, prompts: list[str], max_tokens: int) -> Run:
+    run = Run("llama-cpp-python direct", len(prompts))
+    streams = model.generate([model.tokenize(render(p)) for p in prompts], max_tokens,
+                             context_per_stream=CONTEXT_LENGTH)
+    started = streams[0].started
+    last = started
+    for stream in streams:
+        times = stream.token_times
+        if not times:
+            run.errors.append("no tokens")
+            continue
+        run.ttft.append(times[0] - started)
+        count = model.count_tokens(stream.text)
+        run.tokens += count
+        if count > 1:
+            run.itl.append((times[-1] - times[0]) / (count - 1))
+        last = max(last, times[-1])
+    run.seconds = last - started
+    return run
+
+
+def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
+                probes: list[bench_clients.Probe]) -> Run:
+    """K clients send at the same moment; probes run while they stream."""
+    run = Run(contestant, len(prompts))
+    clients = [make_client() for _ in prompts]
+    for client in clients:
+        client.prepare()
+    replies: list[bench_clients.Reply | None] = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def talk(index: int) -> None:
+        barrier.wait()
+        try:
+            replies[index] = clients[index].send(prompts[index])
+        except Exception as err:  # noqa: BLE001 - a failed client is reported, not fatal
+            replies[index] = bench_clients.Reply(error=f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=talk, args=(i,), daemon=True) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for probe in probes:
+        probe.start()
+    barrier.wait()
+    for thread in threads:
+        thread.join(bench_clients.REPLY_TIMEOUT)
+    for probe in probes:
+        latencies = probe.stop()
+        if probe is probes[0]:
+            run.health = latencies
+        else:
+            run.ping = latencies
+        if probe.errors:
+            run.errors.append(f"{probe.errors} probe errors")
+    for client in clients:
+        client.close()
+    sent = [r.sent_at for r in replies if r and r.sent_at]
+    ends = []
+    for reply in replies:
+        if reply is None or reply.error or not reply.chunk_times:
+            run.errors.append(reply.error if reply and reply.error else "no reply")
+            continue
+        run.ttft.append(reply.chunk_times[0] - reply.sent_at)
+        count = count_tokens(reply.text)
+        run.tokens += count
+        if count > 1:
+            run.itl.append((reply.chunk_times[-1] - reply.chunk_times[0]) / (count - 1))
+        ends.append(reply.chunk_times[-1])
+    run.seconds = (max(ends) - min(sent)) if ends else float("nan")
+    return run
+
+
+# -- how busy the rest of the machine was -----------------------------------------------------
+
+class OtherLoad:
+    """CPU time the rest of the machine used while the benchmark ran, as a fraction of all CPU
+    time: the benchmark shares its machine, and this says how much the numbers were disturbed."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = (time.monotonic(), _machine_busy_ticks(), self._own_ticks())
+
+    def fraction(self) -> float:
+        started, busy, own = self.start
+        elapsed_ticks = (time.monotonic() - started) * os.sysconf("SC_CLK_TCK") * (
+            os.cpu_count() or 1)
+        other = (_machine_busy_ticks() - busy) - (self._own_ticks() - own)
+        return max(0.0, other / elapsed_ticks) if elapsed_ticks else 0.0
+
+    def _own_ticks(self) -> int:
+        return sum(_process_ticks(pid) for pid in _with_descendants(self.pids))
+
+
+def _machine_busy_ticks() -> int:
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def _process_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(v) for v in fields[11:15])  # utime, stime, and of waited-for children
+
+
+def _with_descendants(pids: list[int]) -> set[int]:
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    todo += [int(c) for c in children.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+# -- the report --------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    contestant: str
+    clients: int
+    rounds: int
+    ttft_p50: float
+    ttft_p95: float
+    itl_p50: float
+    itl_p95: float
+    tokens_per_second: float  # median over rounds
+    per_client_tokens: float
+    health_p99: float
+    ping_p99: float
+    errors: int
+
+
+def summarize(runs: list[Run]) -> Row:
+    pooled = lambda name: [v for r in runs for v in getattr(r, name)]  # noqa: E731
+    rates = [r.tokens / r.seconds for r in runs if r.seconds and r.seconds == r.seconds]
+    return Row(runs[0].contestant, runs[0].clients, len(runs),
+               percentile(pooled("ttft"), 50), percentile(pooled("ttft"), 95),
+               percentile(pooled("itl"), 50), percentile(pooled("itl"), 95),
+               statistics.median(rates) if rates else float("nan"),
+               statistics.median(r.tokens / r.clients for r in runs),
+               percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
+               sum(len(r.errors) for r in runs))
+
+
+def ms(seconds: float) -> str:
+    return "–" if seconds != seconds else f"{seconds * 1000:.0f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| contestant | K | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
+             "tokens/s (all K) | tokens/reply | /health p99 ms | ping p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.clients, r.contestant)):
+        lines.append(f"| {r.contestant} | {r.clients} | {ms(r.ttft_p50)} | {ms(r.ttft_p95)} | "
+                     f"{ms(r.itl_p50)} | {ms(r.itl_p95)} | {r.tokens_per_second:.1f} | "
+                     f"{r.per_client_tokens:.0f} | {ms(r.health_p99)} | {ms(r.ping_p99)} | "
+                     f"{r.errors} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[Row], largest: int) -> list[str]:
+    """The issue's goals, each with the measured ratio."""
+    by = {(r.contestant, r.clients): r for r in rows}
+    lines = []
+    surfaces = sorted({r.contestant for r in rows if r.contestant.startswith("Tanglebox")})
+    for surface in surfaces:
+        one, direct_one = by.get((surface, 1)), by.get(("llama-cpp-python direct", 1))
+        if one and direct_one:
+            ratio = one.tokens_per_second / direct_one.tokens_per_second
+            lines.append(f"{surface}, 1 client: {ratio:.2f} of direct (goal ≥ 0.90): "
+                         f"{'met' if ratio >= 0.90 else 'missed'}")
+        many, direct_many = by.get((surface, largest)), by.get(("llama-cpp-python direct",
+                                                                   largest))
+        if many and direct_many:
+            ratio = many.tokens_per_second / direct_many.tokens_per_second
+            lines.append(f"{surface}, {largest} clients: {ratio:.2f} of direct batched "
+                         f"(goal ≥ 0.85): {'met' if ratio >= 0.85 else 'missed'}")
+        server = by.get(("llama-server", largest))
+        if many and server:
+            lines.append(f"{surface}, {largest} clients: {many.tokens_per_second:.1f} vs "
+                         f"llama-server {server.tokens_per_second:.1f} tokens/s (goal: above): "
+                         f"{'met' if many.tokens_per_second > server.tokens_per_second else 'missed'}")
+            lines.append(f"{surface}, {largest} clients: TTFT p50 {ms(many.ttft_p50)} ms vs "
+                         f"llama-server {ms(server.ttft_p50)} ms (goal: below): "
+                         f"{'met' if many.ttft_p50 < server.ttft_p50 else 'missed'}")
+    return lines
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tanglebox.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,4,8",
+                        help="comma-separated numbers of concurrent clients (default 1,4,8)")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
+    parser.add_argument("--surfaces", default="original,rest,ui",
+                        help="Tanglebox surfaces to drive: original, rest, ui (default all)")
+    parser.add_argument("--url", help="a running Tanglebox server (default: start one)")
+    parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH",
+                        help="llama.cpp's llama-server binary, to run with the same model")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="skip the llama-cpp-python direct runs")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from tanglebox.model_location import embedded_model_path
+    from tanglebox.prompting import USER, Message, render_prompt
+
+    model_path = (args.model or embedded_model_path()).resolve()
+    ks = [int(k) for k in args.clients.split(",")]
+    surfaces = [s.strip() for s in args.surfaces.split(",") if s.strip()]
+    unknown = set(surfaces) - set(SURFACES)
+    if unknown:
+        print(f"bench: unknown surface {', '.join(sorted(unknown))}; choose from "
+              f"{', '.join(SURFACES)}", file=sys.stderr)
+        return 2
+    folder = Path(tempfile.mkdtemp(prefix="tanglebox-bench-"))
+    model = DirectModel(model_path)
+    chat_format = model.chat_format()
+
+    def render(prompt: str) -> str:
+        return render_prompt("auto", [Message(USER, prompt)], "", chat_format).text
+
+    prompts = Prompts()
+    servers = []
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+            ws_url = "ws" + url[4:]
+        else:
+            tanglebox = start_tanglebox(model_path, max(ks), CONTEXT_LENGTH, folder,
+                                        args.max_tokens)
+            servers.append(tanglebox)
+            url, ws_url = tanglebox.url, tanglebox.ws_url
+        llama_servers = {}
+        if args.llama_server:
+            for k in ks:
+                llama_servers[k] = start_llama_server(args.llama_server, model_path, k,
+                                                      CONTEXT_LENGTH, model.threads, folder)
+                servers.append(llama_servers[k])
+        runs: dict[tuple[str, int], list[Run]] = {}
+
+        def record(run: Run) -> None:
+            runs.setdefault((run.contestant, run.clients), []).append(run)
+            print(f"  {run.contestant:<28} K={run.clients}: "
+                  f"{run.tokens / run.seconds if run.seconds else 0:6.1f} tokens/s, "
+                  f"TTFT p50 {ms(percentile(run.ttft, 50))} ms"
+                  + (f", errors: {run.errors[:3]}" if run.errors else ""),
+                  file=sys.stderr, flush=True)
+
+        for k in ks:  # warm-up: first requests pay for page faults and allocations
+            for surface in surfaces:
+                run_clients("warm-up", lambda s=surface: SURFACES[s](url, ws_url,
+                                                                     args.max_tokens),
+                            prompts.take(k), model.count_tokens, [])
+            if k in llama_servers:
+                run_clients("warm-up", lambda s=llama_servers[k]: bench_clients.LlamaServerClient(
+                    s.url, args.max_tokens, render), prompts.take(k), model.count_tokens, [])
+        meter = OtherLoad([os.getpid()] + [server.pid() for server in servers])
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            for k in ks:
+                if not args.no_direct:
+                    record(run_direct(model, render, prompts.take(k), args.max_tokens))
+                for surface in surfaces:
+                    probes = [bench_clients.health_probe(url), bench_clients.ping_probe(ws_url)]
+                    record(run_clients(
+                        f"Tanglebox {SURFACE_NAMES[surface]}",
+                        lambda s=surface: SURFACES[s](url, ws_url, args.max_tokens),
+                        prompts.take(k), model.count_tokens, probes))
+                if k in llama_servers:
+                    server = llama_servers[k]
+                    record(run_clients(
+                        "llama-server", lambda s=server: bench_clients.LlamaServerClient(
+                            s.url, args.max_tokens, render),
+                        prompts.take(k), model.count_tokens,
+                        [bench_clients.health_probe(server.url)]))
+        other_load = meter.fraction()
+    finally:
+        for server in servers:
+            server.stop()
+    rows = [summarize(group) for group in runs.values()]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_threads()} usable), "
+          f"Python {platform.python_version()}; model {model_path.name}; "
+          f"{args.max_tokens} tokens per reply at temperature 0; {args.rounds} rounds")
+    print(f"other processes on this machine used {100 * other_load:.0f} % of its CPU time "
+          "during the measured rounds" + (" (the --url server counts as other)" if args.url
+                                          else ""))
+    print()
+    print(markdown_table(rows))
+    print()
+    for line in goals(rows, max(ks)):
+        print(f"- {line}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
+    model.close()
+    return 0
+
+
+SURFACES = {
+    "original": lambda url, ws_url, max_tokens: bench_clients.OriginalSocketClient(ws_url,
+                                                                                   max_tokens),
+    "rest": lambda url, ws_url, max_tokens: bench_clients.RestStreamClient(url, max_tokens),
+    "ui": lambda url, ws_url, max_tokens: bench_clients.UiSocketClient(ws_url, max_tokens),
+}
+SURFACE_NAMES = {"original": "original socket", "rest": "REST stream", "ui": "UI socket"}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The benchmark's clients: one streamed reply per call over each surface, and the probes.
+
+Every client records when its prompt went out and when each chunk of the reply came back
+(``time.monotonic``), so time to first token and inter-token latency are measured the way a
+user sees them: on the client's side of the socket. Connecting and configuring a socket happen
+before the clock starts (``prepare``); ``send`` is what is timed.
+
+Clients are plain threads (no gevent in the benchmark), each with its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import Callable
+
+import requests
+import websocket
+
+REPLY_TIMEOUT = 300.0  # seconds a single reply may take before the client gives up
+
+
+@dataclass
+class Reply:
+    """What one client saw of one reply."""
+
+    sent_at: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)
+    text: str = ""
+    error: str = ""
+    finished_at: float = 0.0
+
+
+class OriginalSocketClient:
+    """The original websocket at ``/``: ``#-set-…-#`` first, then prompt → ``#a-c-k#`` … ``#f-i-n#``."""
+
+    name = "original socket"
+
+    def __init__(self, ws_url: str, max_tokens: int) -> None:
+        self.ws_url = ws_url.rstrip("/") + "/"
+        self.max_tokens = max_tokens
+        self.ws: websocket.WebSocket | None = None
+
+    def prepare(self) -> None:
+        self.ws = websocket.create_connection(self.ws_url, timeout=REPLY_TIMEOUT)
+        for setting in ("#-set-temp-#0", f"#-set-max-tokens-#{self.max_tokens}"):
+            self.ws.send(setting)
+            answer = self.ws.recv()
+            if answer != "#-set-#":
+                raise RuntimeError(f"{setting} was answered {answer!r}")
+
+    def send(self, prompt: str) -> Reply:
+        reply = Reply(sent_at=time.monotonic())
+        self.ws.send(prompt)
+        if self.ws.recv() != "#a-c-k#":
+            reply.error = "no #a-c-k#"
+            return reply
+        parts = []
+        while True:
+            message = self.ws.recv()
+            now = time.monotonic()
+            if message == "#f-i-n#":
+                break
+            if message.startswith("Error:"):
+                reply.error = message
+                continue
+            reply.chunk_times.append(now)
+            parts.append(message)
+        reply.text = "".join(parts)
+        reply.finished_at = time.monotonic()
+        return reply
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+
+
+class RestStreamClient:
+    """``POST /conversation`` with ``shouldStreamResponse``: text/plain, chunked as generated."""
+
+    name = "REST stream"
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        self.url = url.rstrip("/") + "/conversation"
+        self.max_tokens = max_tokens
+        self.session = requests.Session()
+
+    def prepare(self) -> None:
+        self.session.get(self.url.rsplit("/", 1)[0] + "/health", timeout=30)  # open the connection
+
+    def send(self, prompt: str) -> Reply:
+        reply = Reply(sent_at=time.monotonic())
+        body = {"userPrompt": prompt, "temperature": 0, "maxNewTokens": self.max_tokens,
+                "shouldStreamResponse": True}
+        with self.session.post(self.url, json=body, stream=True, timeout=REPLY_TIMEOUT,
+                               headers={"Accept": "text/plain"}) as response:
+            if response.status_code != 200:
+                reply.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                return reply
+            parts = []
+            for chunk in response.iter_content(chunk_size=None, decode_unicode=False):
+                if chunk:
+                    reply.chunk_times.append(time.monotonic())
+                    parts.append(chunk)
+        reply.text = b"".join(parts).decode("utf-8", errors="replace")
+        reply.finished_at = time.monotonic()
+        return reply
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class UiSocketClient:
+    """The chat UI's socket at ``/ws/chat``, as htmx drives it: JSON form values in, HTML out.
+
+    The UI re-renders the whole reply at most ~12 times a second, so its chunks are renders,
+    not tokens: its time to first token is real, its inter-token latency an average.
+    """
+
+    name = "UI socket"
+
+    def __init__(self, ws_url: str, max_tokens: int) -> None:
+        self.ws_url = ws_url.rstrip("/") + "/ws/chat?surface=page"
+        self.max_tokens = max_tokens
+        self.ws: websocket.WebSocket | None = None
+
+    def prepare(self) -> None:
+        self.ws = websocket.create_connection(self.ws_url, timeout=REPLY_TIMEOUT)
+        self.ws.recv()  # the sync: conversation, composer, settings
+        self._send(action="settings", temperature="0", maxNewTokens=str(self.max_tokens),
+                   systemPrompt="")
+        answer = self.ws.recv()
+        if "Applied" not in answer:
+            raise RuntimeError(f"the UI refused the settings: {answer[:200]!r}")
+
+    def send(self, prompt: str) -> Reply:
+        reply = Reply(sent_at=time.monotonic())
+        self._send(userPrompt=prompt)
+        while True:
+            fragment = self.ws.recv()
+            now = time.monotonic()
+            text = _reply_content(fragment)
+            if text:
+                reply.chunk_times.append(now)
+                reply.text = text
+            error = _element_text(fragment, "chat-error")
+            if error:
+                reply.error = error
+            if _composer_enabled(fragment):
+                break
+        reply.finished_at = time.monotonic()
+        return reply
+
+    def _send(self, **values) -> None:
+        self.ws.send(json.dumps({**values, "HEADERS": {"HX-Request": "true"}}))
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+
+
+class _Text(HTMLParser):
+    """The text inside the first element ``inner(attrs)`` picks within one ``outer(attrs)``
+    picks (``inner`` None: the outer element's own text)."""
+
+    VOID = {"input", "br", "img", "hr", "meta", "link", "path", "rect", "circle", "source"}
+    BLOCKS = {"p", "li", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr"}
+
+    def __init__(self, outer: Callable[[dict], bool],
+                 inner: Callable[[dict], bool] | None = None) -> None:
+        super().__init__(convert_charrefs=True)
+        self.outer, self.inner = outer, inner
+        self.outer_depth = self.depth = 0
+        self.done = False
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID or self.done:
+            return
+        attrs = dict(attrs)
+        if self.depth:
+            self.depth += 1
+        elif self.outer_depth and self.inner and self.inner(attrs):
+            self.depth = 1
+        elif not self.outer_depth and self.outer(attrs):
+            self.depth = 0 if self.inner else 1
+        if self.outer_depth or self.outer(attrs):
+            self.outer_depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID or self.done:
+            return
+        self.outer_depth = max(0, self.outer_depth - 1)
+        if self.depth:
+            self.depth -= 1
+            self.done = self.depth == 0
+            if tag in self.BLOCKS:
+                self.parts.append("\n")  # paragraphs were lines of the model's text
+
+    def handle_data(self, data):
+        if self.depth:
+            self.parts.append(data)
+
+
+def _text_of(fragment: str, outer: Callable[[dict], bool],
+             inner: Callable[[dict], bool] | None = None) -> str:
+    parser = _Text(outer, inner)
+    parser.feed(fragment)
+    return "".join(parser.parts).strip()
+
+
+def _reply_content(fragment: str) -> str:
+    """The text of the reply (``article#turn-N-reply .message__content``) in a fragment."""
+    if "-reply" not in fragment:
+        return ""
+    return _text_of(fragment, lambda a: (a.get("id") or "").endswith("-reply"),
+                    lambda a: "message__content" in (a.get("class") or "").split())
+
+
+def _element_text(fragment: str, element_id: str) -> str:
+    if f'id="{element_id}"' not in fragment:
+        return ""
+    return _text_of(fragment, lambda a: a.get("id") == element_id)
+
+
+def _composer_enabled(fragment: str) -> bool:
+    if 'id="composer"' not in fragment:
+        return False
+    start = fragment.find("<textarea")
+    return start >= 0 and "disabled" not in fragment[start:fragment.find(">", start)]
+
+
+class LlamaServerClient:
+    """llama.cpp's ``llama-server``: ``POST /completion`` with the same rendered prompt, streamed (SSE)."""
+
+    name = "llama-server"
+
+    def __init__(self, url: str, max_tokens: int, render: Callable[[str], str]) -> None:
+        self.url = url.rstrip("/") + "/completion"
+        self.max_tokens = max_tokens
+        self.render = render
+        self.session = requests.Session()
+
+    def prepare(self) -> None:
+        self.session.get(self.url.rsplit("/", 1)[0] + "/health", timeout=30)
+
+    def send(self, prompt: str) -> Reply:
+        body = {"prompt": self.render(prompt), "n_predict": self.max_tokens, "temperature": 0,
+                "stream": True, "cache_prompt": True}
+        reply = Reply(sent_at=time.monotonic())
+        with self.session.post(self.url, json=body, stream=True,
+                               timeout=REPLY_TIMEOUT) as response:
+            if response.status_code != 200:
+                reply.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                return reply
+            parts = []
+            for line in response.iter_lines():
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("content"):
+                    reply.chunk_times.append(time.monotonic())
+                    parts.append(event["content"])
+                if event.get("stop"):
+                    break
+        reply.text = "".join(parts)
+        reply.finished_at = time.monotonic()
+        return reply
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class Probe:
+    """Measures how fast something answers, over and over, until stopped (a background thread)."""
+
+    def __init__(self, answer_once: Callable[[], None], close: Callable[[], None] = lambda: None,
+                 interval: float = 0.05) -> None:
+        self.answer_once = answer_once
+        self.close = close
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Probe":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=REPLY_TIMEOUT)
+        self.close()
+        return self.latencies
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.answer_once()
+                self.latencies.append(time.monotonic() - started)
+            except Exception:  # noqa: BLE001 - counted and reported, never fatal to the run
+                self.errors += 1
+            self._stop.wait(self.interval)
+
+
+def health_probe(url: str) -> Probe:
+    session = requests.Session()
+
+    def answer_once() -> None:
+        session.get(url.rstrip("/") + "/health", timeout=30).raise_for_status()
+
+    return Probe(answer_once, close=session.close)
+
+
+def ping_probe(ws_url: str) -> Probe:
+    """``#-ping-#`` → ``#-pong-#`` on an otherwise idle original socket."""
+    ws = websocket.create_connection(ws_url.rstrip("/") + "/", timeout=30)
+
+    def answer_once() -> None:
+        ws.send("#-ping-#")
+        if ws.recv() != "#-pong-#":
+            raise RuntimeError("no pong")
+
+    return Probe(answer_once, close=ws.close)
