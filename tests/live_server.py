@@ -3,6 +3,9 @@
 ``LiveServer.start(fake=None, **settings)`` serves the real model (per settings) when ``fake``
 is None, else the fake backend built with ``FakeBackend(**fake)``. It waits (polling, with a
 deadline) until ``/health`` says ok, and ``stop()`` ends the process.
+
+``wait_until(condition)`` polls a condition with a deadline (tests never sleep a fixed time);
+``server.health()`` and ``wait_until_idle(server)`` watch the engine through ``/health``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class LiveServer:
             time.sleep(0.1)  # polling interval while waiting for readiness, not a fixed wait
         raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}")
 
+    def health(self) -> dict:
+        return requests.get(self.url + "/health", timeout=15).json()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -86,3 +92,18 @@ class LiveServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self._log.close()
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
+        time.sleep(0.02)  # polling interval, not a fixed wait
+    return result
+
+
+def wait_until_idle(server: LiveServer, timeout: float = 30.0) -> dict:
+    """Poll /health until no slot is busy and nothing waits: cancelled work has left the engine."""
+    return wait_until(lambda: (h := server.health())["busy"] == 0 and h["waiting"] == 0 and h,
+                      timeout, "every slot free and nothing waiting")

@@ -8,25 +8,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from tests.conftest import ROOT
+from tests.live_server import wait_until
 
 STEP = {"step_delay": 0.05}  # each fake token takes 50 ms, so a test can act mid-reply
-
-
-def health(server) -> dict:
-    return requests.get(server.url + "/health", timeout=5).json()
-
-
-def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
-        time.sleep(0.02)  # polling interval, not a fixed wait
 
 
 def read_sse(response) -> list[tuple[str, dict]]:
@@ -52,7 +41,7 @@ def test_streamed_chunks_arrive_while_the_reply_is_still_being_generated(fake_se
         first = next(chunks)
         # Nothing is buffered on the way: the first token is here while the rest is still
         # being generated.
-        assert health(server)["busy"] == 1
+        assert server.health()["busy"] == 1
         text = first + "".join(chunks)
     assert text == " ".join(str(i) for i in range(1, 21))
 
@@ -76,9 +65,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(fake_server):
                          params={"userPrompt": "count 500", "shouldStreamResponse": "true"})
     chunks = reply.iter_content(chunk_size=None)
     next(chunks), next(chunks)
-    assert health(server)["busy"] == 1
+    assert server.health()["busy"] == 1
     reply.close()
-    wait_until(lambda: health(server)["busy"] == 0, timeout=10, what="slot freed")
+    wait_until(lambda: server.health()["busy"] == 0, timeout=10, what="slot freed")
     after = requests.post(server.url + "/conversation", json={"userPrompt": "echo still here"},
                           timeout=30)
     assert after.status_code == 200 and after.text == "still here"
@@ -89,9 +78,9 @@ def test_a_client_that_disconnects_while_waiting_for_a_whole_reply_frees_its_slo
     client = socket.create_connection(("127.0.0.1", server.port))
     client.sendall(b"GET /conversation?userPrompt=count+500 HTTP/1.1\r\n"
                    b"Host: 127.0.0.1\r\n\r\n")
-    wait_until(lambda: health(server)["busy"] == 1, what="generation started")
+    wait_until(lambda: server.health()["busy"] == 1, what="generation started")
     client.close()
-    wait_until(lambda: health(server)["busy"] == 0, timeout=10, what="slot freed")
+    wait_until(lambda: server.health()["busy"] == 0, timeout=10, what="slot freed")
     assert requests.get(server.url + "/conversation?userPrompt=echo+ok", timeout=30).text == "ok"
 
 
@@ -114,7 +103,7 @@ def test_a_burst_of_bad_requests_leaves_the_server_healthy(fake_server):
         response = session.post(server.url + "/conversation", timeout=30,
                                 headers={"Content-Type": "application/json"}, **bad)
         assert response.status_code in (400, 413)
-    assert health(server)["status"] == "ok"
+    assert server.health()["status"] == "ok"
     assert session.get(server.url + "/conversation?userPrompt=echo+fine", timeout=30).text == "fine"
 
 

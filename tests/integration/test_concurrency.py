@@ -15,7 +15,6 @@ import json
 import re
 import socket
 import threading
-import time
 from contextlib import ExitStack, closing
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import requests
 import websocket
 
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, wait_until, wait_until_idle
 
 ACK, FIN, PONG = "#a-c-k#", "#f-i-n#", "#-pong-#"
 RECEIVE_DEADLINE = 30  # seconds any single message may take before the test fails
@@ -177,23 +176,6 @@ def _composer_enabled(fragment: str) -> bool:
 
 # -- the server's side -----------------------------------------------------------------------
 
-def health(server: LiveServer) -> dict:
-    return requests.get(server.url + "/health", timeout=RECEIVE_DEADLINE).json()
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
-        time.sleep(0.02)  # polling interval, not a fixed wait
-    return result
-
-
-def wait_until_idle(server: LiveServer, timeout: float = 30.0) -> None:
-    wait_until(lambda: (h := health(server))["busy"] == 0 and h["waiting"] == 0, timeout,
-               "every slot free and nothing waiting")
-
-
 def worker_pid(server: LiveServer) -> int:
     """The gunicorn worker (the process that holds the engine) under the master."""
     master = server.process.pid
@@ -327,7 +309,7 @@ def test_a_full_queue_is_refused_at_once_on_every_surface(fake_server):
             ui.close()
         assert "busy" in error
 
-        assert health(server)["busy"] == 1  # the running reply was never disturbed
+        assert server.health()["busy"] == 1  # the running reply was never disturbed
     wait_until_idle(server)
 
 
@@ -360,7 +342,7 @@ def start_endless_over_ui(server: LiveServer):
 def test_a_client_that_leaves_frees_its_slot_for_the_next_request(fake_server, start):
     server = fake_server.start(fake={"max_sequences": 1, **ENDLESS_FAKE}, **ENDLESS_SETTINGS)
     leave = start(server)
-    assert health(server)["busy"] == 1
+    wait_until(lambda: server.health()["busy"] == 1, what="generation started")
     leave()
 
     def follow_up():
@@ -387,7 +369,7 @@ def test_two_hundred_abandoned_requests_leak_no_threads_or_memory(fake_server):
                     ws.send(ENDLESS)
                 else:
                     stack.enter_context(closing(raw_rest_request(server, ENDLESS)))
-            wait_until(lambda: (h := health(server))["busy"] + h["waiting"] == 200,
+            wait_until(lambda: (h := server.health())["busy"] + h["waiting"] == 200,
                        what="all 200 requests running or queued")
         # every connection is closed here, mid-stream or still waiting in the queue
         wait_until_idle(server)
@@ -418,7 +400,7 @@ def test_one_client_flooding_cannot_starve_another(fake_server):
         return text
 
     def polite():
-        wait_until(lambda: health(server)["waiting"] >= 9, what="the flood queued up")
+        wait_until(lambda: server.health()["waiting"] >= 9, what="the flood queued up")
         with closing(original_socket(server, source="127.0.0.3")) as ws:
             text = "".join(socket_reply(ws, "echo polite"))
         with lock:

@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import re
 import struct
-import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 import pytest
-import requests
 import websocket
 from websocket import ABNF
 
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, wait_until_idle
 
 RECEIVE_DEADLINE = 15  # seconds any single message may take before the test fails
 VOID = {"input", "br", "hr", "img", "meta", "link", "area", "base", "col", "embed", "source",
@@ -190,17 +188,6 @@ def chat(server):
     client = ChatClient(server)
     yield client
     client.close()
-
-
-def wait_until_idle(server: LiveServer, deadline_s: float = 15) -> dict:
-    """Poll /health until no slot is busy: a cancelled generation has left the engine."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        health = requests.get(server.url + "/health", timeout=5).json()
-        if health["busy"] == 0 and health["waiting"] == 0:
-            return health
-        assert time.monotonic() < deadline, f"generation still running: {health}"
-        time.sleep(0.05)  # polling interval
 
 
 def close_frame(ws: websocket.WebSocket) -> tuple[int, str]:

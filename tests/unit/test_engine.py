@@ -211,3 +211,33 @@ def test_prompts_that_arrive_together_get_their_first_token_in_order(make_engine
 
     steps = [step_of_first_token(text) for text in texts]
     assert steps == sorted(steps) and len(set(steps)) == 4, steps
+
+
+def test_cancelled_waiters_free_their_places_in_a_full_queue(make_engine):
+    engine = make_engine(queue_size=2, max_sequences=1, step_delay=0.01)
+    engine.start()
+    running = engine.submit(request("count 500", max_new_tokens=1000))
+    assert isinstance(running.next_event(timeout=10), Delta)
+    waiting = [engine.submit(request(f"echo waiting {i}")) for i in range(2)]
+    with pytest.raises(QueueFull):
+        engine.submit(request("echo refused"))
+    for generation in waiting:
+        generation.cancel()  # the clients left while queued
+    admitted = engine.submit(request("echo admitted"))  # at once, not after the running reply
+    assert [run(g)[1].finish_reason for g in waiting] == ["cancelled", "cancelled"]
+    running.cancel()
+    assert run(admitted)[1].text == "admitted"
+
+
+def test_a_request_that_waits_past_the_timeout_ends_without_running(make_engine):
+    engine = Engine(FakeBackend(max_sequences=1, step_delay=0.01), "auto", queue_size=4,
+                    request_timeout=0.5)
+    engine.start()
+    try:
+        running = engine.submit(request("count 1000", max_new_tokens=5000))
+        waiting = engine.submit(request("echo too late"))
+        _, done = run(waiting)
+        assert done.finish_reason == "timeout" and done.completion_tokens == 0
+        assert run(running)[1].finish_reason == "timeout"
+    finally:
+        engine.stop(drain_seconds=1)
