@@ -174,8 +174,8 @@ class Engine:
                 raise EngineStopped()
             dropped = []
             if self._in_system >= len(self._slots) + self.queue_size:
-                # Requests whose clients left while waiting still hold places in the queue
-                # until the engine reaches them; free those places before refusing anyone.
+                # Requests whose clients left (or that timed out) while waiting still hold
+                # places until the engine's next step; free those before refusing anyone.
                 dropped = self._take_cancelled_pending()
             if self._in_system >= len(self._slots) + self.queue_size:
                 refused = QueueFull(retry_after=self._retry_after())
@@ -187,8 +187,8 @@ class Engine:
                 self._in_system += 1
                 queue = self._pending.setdefault(request.client_id, collections.deque())
                 queue.append(generation)
-        for cancelled in dropped:
-            cancelled._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+        for gone in dropped:
+            gone._emit(Done(_ended_while_waiting(gone), "", 0, 0, 0, {}))
         if refused is not None:
             raise refused
         self._wakeup.set()
@@ -289,19 +289,23 @@ class Engine:
         return None
 
     def _drop_cancelled_pending(self) -> None:
-        """Answer waiting requests whose clients have gone, so they free their places now."""
+        """Answer waiting requests whose clients have gone, or that waited past the request
+        timeout, so they free their places in the queue now."""
         with self._lock:
             dropped = self._take_cancelled_pending()
         for generation in dropped:
-            generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+            generation._emit(Done(_ended_while_waiting(generation), "", 0, 0, 0, {}))
 
     def _take_cancelled_pending(self) -> list[Generation]:
-        """Remove cancelled requests from the queue (under ``_lock``); the caller answers them."""
+        """Remove cancelled or timed-out requests from the queue (under ``_lock``); the caller
+        answers them."""
+        expired = time.monotonic() - self.request_timeout
+        gone = lambda g: g.cancelled or g.submitted_at < expired  # noqa: E731
         dropped = []
-        for client in [c for c, q in self._pending.items() if any(g.cancelled for g in q)]:
+        for client in [c for c, q in self._pending.items() if any(gone(g) for g in q)]:
             queue = self._pending[client]
-            dropped += [g for g in queue if g.cancelled]
-            kept = collections.deque(g for g in queue if not g.cancelled)
+            dropped += [g for g in queue if gone(g)]
+            kept = collections.deque(g for g in queue if not gone(g))
             if kept:
                 self._pending[client] = kept
             else:
@@ -468,6 +472,10 @@ class Engine:
             self._pending.clear()
         for generation in waiting:
             self._fail(generation, Error("shutdown", "The server is shutting down."))
+
+
+def _ended_while_waiting(generation: Generation) -> str:
+    return FINISH_CANCELLED if generation.cancelled else FINISH_TIMEOUT
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -3,7 +3,8 @@
 Every engine step is one ``llama_decode`` over a batch that holds all active slots: one token
 for each generating slot plus prompt chunks for slots still reading their prompt, each token
 tagged with its slot's sequence id. Logits are requested only for the last token of an item
-that needs them. ``forget`` removes a slot's cached positions (``llama_memory_seq_rm``), which
+that needs them, and handed to the engine as views of llama.cpp's own buffer (valid until the
+next decode, by which time the engine has sampled from them). ``forget`` removes a slot's cached positions (``llama_memory_seq_rm``), which
 is how a conversation's next turn reuses its cached prefix.
 
 The context holds ``contextLength`` tokens per slot (``n_ctx = contextLength * slots``, with a
@@ -154,7 +155,9 @@ class LlamaCppBackend:
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        return [None if index is None else self._logits(index) for index in outputs]
+        rows = self._logits_rows(sum(index is not None for index in outputs))
+        next_row = iter(range(len(rows)))
+        return [None if index is None else rows[next(next_row)] for index in outputs]
 
     def forget(self, slot: int, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
@@ -168,9 +171,14 @@ class LlamaCppBackend:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _logits(self, index: int) -> np.ndarray:
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+    def _logits_rows(self, count: int) -> np.ndarray:
+        """The logits of this step's outputs, one row each in batch order (llama.h's contract
+        for ``llama_get_logits``), as a view of llama.cpp's buffer: no copy. The engine samples
+        from them before the next decode, which is when llama.cpp overwrites them."""
+        if count == 0:
+            return np.empty((0, self._n_vocab), dtype=np.float32)
+        pointer = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(count, self._n_vocab))
 
     def _piece(self, token: int, special: bool) -> bytes:
         buffer = ctypes.create_string_buffer(64)

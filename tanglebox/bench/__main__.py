@@ -10,7 +10,7 @@ every contestant alike):
   K sequences prefilled together, then one ``llama_decode`` per step, greedy;
 - **Tanglebox**, over each surface: K clients (threads), each on its own connection, send their
   prompt at the same moment and stream the reply; meanwhile ``/health`` and a ``#-ping-#`` on
-  another, idle, original socket are probed every 50 ms;
+  another, idle, original socket are probed (every ``--probe-interval`` seconds);
 - **llama-server** (``--llama-server PATH``): llama.cpp's C++ server with the same model, ``-np K``
   and the same threads, on ``/completion`` with the same rendered prompt, streamed.
 
@@ -22,7 +22,8 @@ server (then the server's own settings apply; it must allow ``--max-tokens``).
 Reported per contestant and K: time to first token p50/p95 (from the prompt being sent to the
 first chunk), inter-token latency p50/p95 (per reply: first to last chunk over its tokens - 1),
 aggregate tokens/s (all tokens / wall time from the first send to the last token), and the p99
-of the ``/health`` and ping probes while the K streams run.
+of the ``/health`` and ping probes while the K streams run (each probe every
+``--probe-interval`` seconds, so they measure the web side without loading it much).
 """
 
 from __future__ import annotations
@@ -305,6 +306,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="llama.cpp's llama-server binary, to run with the same model")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the llama-cpp-python direct runs")
+    parser.add_argument("--probe-interval", type=float, default=0.2, metavar="SECONDS",
+                        help="pause between two /health (and two ping) probes while streams run; "
+                             "each probe is work the server does beside the streams (default 0.2)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     return parser.parse_args(argv)
 
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_direct:
                     record(run_direct(model, render, prompts.take(k), args.max_tokens))
                 for surface in surfaces:
-                    probes = [bench_clients.health_probe(url), bench_clients.ping_probe(ws_url)]
+                    probes = [bench_clients.health_probe(url, args.probe_interval),
+                              bench_clients.ping_probe(ws_url, args.probe_interval)]
                     record(run_clients(
                         f"Tanglebox {SURFACE_NAMES[surface]}",
                         lambda s=surface: SURFACES[s](url, ws_url, args.max_tokens),
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                         "llama-server", lambda s=server: bench_clients.LlamaServerClient(
                             s.url, args.max_tokens, render),
                         prompts.take(k), model.count_tokens,
-                        [bench_clients.health_probe(server.url)]))
+                        [bench_clients.health_probe(server.url, args.probe_interval)]))
         other_load = meter.fraction()
     finally:
         for server in servers:

@@ -277,8 +277,8 @@ class LlamaServerClient:
 class Probe:
     """Measures how fast something answers, over and over, until stopped (a background thread)."""
 
-    def __init__(self, answer_once: Callable[[], None], close: Callable[[], None] = lambda: None,
-                 interval: float = 0.05) -> None:
+    def __init__(self, answer_once: Callable[[], None], interval: float,
+                 close: Callable[[], None] = lambda: None) -> None:
         self.answer_once = answer_once
         self.close = close
         self.interval = interval
@@ -308,16 +308,16 @@ class Probe:
             self._stop.wait(self.interval)
 
 
-def health_probe(url: str) -> Probe:
+def health_probe(url: str, interval: float) -> Probe:
     session = requests.Session()
 
     def answer_once() -> None:
         session.get(url.rstrip("/") + "/health", timeout=30).raise_for_status()
 
-    return Probe(answer_once, close=session.close)
+    return Probe(answer_once, interval, close=session.close)
 
 
-def ping_probe(ws_url: str) -> Probe:
+def ping_probe(ws_url: str, interval: float) -> Probe:
     """``#-ping-#`` → ``#-pong-#`` on an otherwise idle original socket."""
     ws = websocket.create_connection(ws_url.rstrip("/") + "/", timeout=30)
 
@@ -326,4 +326,4 @@ def ping_probe(ws_url: str) -> Probe:
         if ws.recv() != "#-pong-#":
             raise RuntimeError("no pong")
 
-    return Probe(answer_once, close=ws.close)
+    return Probe(answer_once, interval, close=ws.close)
