@@ -4,8 +4,9 @@ Every engine step is one ``llama_decode`` over a batch that holds all active slo
 for each generating slot plus prompt chunks for slots still reading their prompt, each token
 tagged with its slot's sequence id. Logits are requested only for the last token of an item
 that needs them, and handed to the engine as views of llama.cpp's own buffer (valid until the
-next decode, by which time the engine has sampled from them). ``forget`` removes a slot's cached positions (``llama_memory_seq_rm``), which
-is how a conversation's next turn reuses its cached prefix.
+next decode, by which time the engine has sampled from them). ``forget`` removes a slot's
+cached positions (``llama_memory_seq_rm``), which is how a conversation's next turn reuses its
+cached prefix.
 
 The context holds ``contextLength`` tokens per slot (``n_ctx = contextLength * slots``, with a
 separate KV stream per sequence). ctypes releases the GIL during ``llama_decode``, so the web
@@ -138,7 +139,6 @@ class LlamaCppBackend:
     def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
         batch = self._batch
         n = 0
-        outputs: list[int | None] = []
         for item in items:
             last = len(item.tokens) - 1
             for offset, token in enumerate(item.tokens):
@@ -148,16 +148,14 @@ class LlamaCppBackend:
                 batch.seq_id[n][0] = item.slot
                 batch.logits[n] = item.want_logits and offset == last
                 n += 1
-            outputs.append(n - 1 if item.want_logits else None)
         if n > BATCH_TOKENS:
             raise ValueError(f"a decode of {n} tokens is over the batch size {BATCH_TOKENS}")
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        rows = self._logits_rows(sum(index is not None for index in outputs))
-        next_row = iter(range(len(rows)))
-        return [None if index is None else rows[next(next_row)] for index in outputs]
+        rows = iter(self._logits_rows(sum(item.want_logits for item in items)))
+        return [next(rows) if item.want_logits else None for item in items]
 
     def forget(self, slot: int, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
