@@ -14,6 +14,7 @@ from tanglebox.engine import Delta, Done, Engine
 from tanglebox.model_location import locate_model
 from tanglebox.prompting import USER, Message
 from tanglebox.settings import load_settings
+from tests.replies import collect_reply
 
 pytestmark = pytest.mark.real_model
 
@@ -32,14 +33,9 @@ def engine(request, tmp_path_factory):
 
 def ask(engine: Engine, question: str, max_new_tokens: int = 64) -> tuple[str, Done]:
     generation = engine.submit(ChatRequest((Message(USER, question),), "", 0.0, max_new_tokens))
-    streamed = ""
-    for event in generation.events():
-        if isinstance(event, Delta):
-            streamed += event.text
-        else:
-            assert isinstance(event, Done), event
-            return streamed, event
-    raise AssertionError("no final event")
+    streamed, done = collect_reply(generation)
+    assert isinstance(done, Done), done
+    return streamed, done
 
 
 def test_answers_arithmetic(engine):

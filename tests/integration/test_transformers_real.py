@@ -13,10 +13,11 @@ from tanglebox.backends import load_backend
 from tanglebox.backends.transformers_backend import (DeviceInfo, TransformersBackend,
                                                      loading_config)
 from tanglebox.chat_request import ChatRequest
-from tanglebox.engine import Delta, Done, Engine
+from tanglebox.engine import Done, Engine
 from tanglebox.model_location import locate_model
 from tanglebox.prompting import USER, Message
 from tanglebox.settings import load_settings
+from tests.replies import collect_reply
 
 pytestmark = pytest.mark.real_model
 pytest.importorskip("transformers")
@@ -31,14 +32,9 @@ def start_engine(tmp_path_factory, **values) -> Engine:
 
 
 def reply(generation) -> tuple[str, Done]:
-    streamed = ""
-    for event in generation.events():
-        if isinstance(event, Delta):
-            streamed += event.text
-        else:
-            assert isinstance(event, Done), event
-            return streamed, event
-    raise AssertionError("no final event")
+    streamed, done = collect_reply(generation)
+    assert isinstance(done, Done), done
+    return streamed, done
 
 
 def request(question: str, max_new_tokens: int = 40) -> ChatRequest:

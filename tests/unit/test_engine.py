@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tanglebox.chat_request import ChatRequest
-from tanglebox.engine import Delta, Done, Engine, EngineStopped, Error, QueueFull
+from tanglebox.engine import Delta, Engine, EngineStopped, Error, QueueFull
 from tanglebox.prompting import ASSISTANT, USER, Message
 from tests.fake_backend import FakeBackend
+from tests.live_server import wait_until
+from tests.replies import collect_reply
 
 
 def request(text: str, max_new_tokens: int = 200, client: str = "", stop=()) -> ChatRequest:
@@ -30,22 +30,10 @@ def make_engine():
         engine.stop(drain_seconds=1)
 
 
-def run(generation) -> tuple[str, Done | Error]:
-    events = list(generation.events())
-    return "".join(e.text for e in events if isinstance(e, Delta)), events[-1]
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def test_deltas_then_done_with_counts_and_timings(make_engine):
     engine = make_engine()
     engine.start()
-    streamed, done = run(engine.submit(request("echo Hello, world")))
+    streamed, done = collect_reply(engine.submit(request("echo Hello, world")))
     assert streamed == done.text == "Hello, world"
     assert done.finish_reason == "stop"
     assert done.completion_tokens == len("Hello, world")
@@ -56,7 +44,7 @@ def test_deltas_then_done_with_counts_and_timings(make_engine):
 def test_max_new_tokens_ends_with_length(make_engine):
     engine = make_engine()
     engine.start()
-    _, done = run(engine.submit(request("count 50", max_new_tokens=7)))
+    _, done = collect_reply(engine.submit(request("count 50", max_new_tokens=7)))
     assert done.finish_reason == "length"
     assert done.text == "1 2 3 4"
 
@@ -64,7 +52,7 @@ def test_max_new_tokens_ends_with_length(make_engine):
 def test_request_stop_strings_are_held_back_and_never_leak(make_engine):
     engine = make_engine()
     engine.start()
-    streamed, done = run(engine.submit(request("echo one ## two ### three", stop=["###"])))
+    streamed, done = collect_reply(engine.submit(request("echo one ## two ### three", stop=["###"])))
     assert streamed == done.text == "one ## two "
     assert done.finish_reason == "stop"
 
@@ -84,10 +72,10 @@ def test_cancel_stops_at_the_next_step_and_frees_the_slot(make_engine):
     generation = engine.submit(request("count 1000", max_new_tokens=4000))
     assert isinstance(generation.next_event(timeout=10), Delta)
     generation.cancel()
-    _, done = run(generation)
+    _, done = collect_reply(generation)
     assert done.finish_reason == "cancelled"
     assert done.completion_tokens < 1000
-    _, following = run(engine.submit(request("echo next")))
+    _, following = collect_reply(engine.submit(request("echo next")))
     assert following.text == "next"
 
 
@@ -95,9 +83,9 @@ def test_cancel_during_a_long_prompt(make_engine):
     engine = make_engine(max_sequences=1, batch_tokens=8, step_delay=0.01)
     engine.start()
     generation = engine.submit(request("echo " + "x" * 2000))
-    wait_until(lambda: engine.load()["busy"] == 1)
+    wait_until(lambda: engine.load()["busy"] == 1, timeout=10.0)
     generation.cancel()
-    _, done = run(generation)
+    _, done = collect_reply(generation)
     assert done.finish_reason == "cancelled" and done.completion_tokens == 0
 
 
@@ -110,13 +98,13 @@ def test_a_full_queue_is_refused_at_once(make_engine):
         engine.submit(request("echo refused"))
     assert refused.value.retry_after > 0
     running.cancel()
-    assert run(waiting)[1].text == "waiting"
+    assert collect_reply(waiting)[1].text == "waiting"
 
 
 def test_a_prompt_longer_than_the_context_is_an_error_with_counts(make_engine):
     engine = make_engine(context_length=64)
     engine.start()
-    _, error = run(engine.submit(request("echo " + "y" * 100)))
+    _, error = collect_reply(engine.submit(request("echo " + "y" * 100)))
     assert isinstance(error, Error) and error.code == "prompt_too_long"
     assert "108 tokens" in error.message and "holds 64" in error.message  # 105 + 3 specials
 
@@ -124,7 +112,7 @@ def test_a_prompt_longer_than_the_context_is_an_error_with_counts(make_engine):
 def test_the_reply_stops_at_the_end_of_the_context(make_engine):
     engine = make_engine(context_length=40)
     engine.start()
-    _, done = run(engine.submit(request("count 100")))
+    _, done = collect_reply(engine.submit(request("count 100")))
     assert done.finish_reason == "length"
 
 
@@ -132,7 +120,7 @@ def test_slots_run_side_by_side_in_one_batched_decode(make_engine):
     engine = make_engine(max_sequences=4)
     generations = [engine.submit(request(f"echo reply number {i}")) for i in range(4)]
     engine.start()
-    results = [run(g)[1].text for g in generations]
+    results = [collect_reply(g)[1].text for g in generations]
     assert results == [f"reply number {i}" for i in range(4)]
     assert max(len(items) for items in engine.backend.decode_calls) == 4
 
@@ -144,7 +132,7 @@ def test_round_robin_admission_across_clients(make_engine):
     polite = engine.submit(request("echo polite", client="polite"))  # ends at "echo "
     engine.start()
     for generation in greedy + [polite]:
-        run(generation)
+        collect_reply(generation)
     admitted = []  # prompts in the order the model first read them
     for items in engine.backend.decode_calls:
         for item in items:
@@ -156,10 +144,10 @@ def test_round_robin_admission_across_clients(make_engine):
 def test_the_next_turn_reuses_the_cached_conversation(make_engine):
     engine = make_engine(max_sequences=2)
     engine.start()
-    first = run(engine.submit(request("echo The capital is Paris.")))[1]
+    first = collect_reply(engine.submit(request("echo The capital is Paris.")))[1]
     history = (Message(USER, "echo The capital is Paris."), Message(ASSISTANT, first.text),
                Message(USER, "echo And of Italy?"))
-    second = run(engine.submit(ChatRequest(history, "", 0.0, 100)))[1]
+    second = collect_reply(engine.submit(ChatRequest(history, "", 0.0, 100)))[1]
     assert second.text == "And of Italy?"
     assert second.cached_tokens >= first.prompt_tokens
 
@@ -169,7 +157,7 @@ def test_stop_drains_running_replies_then_refuses_new_work(make_engine):
     engine.start()
     generation = engine.submit(request("echo finishing"))
     engine.stop(drain_seconds=5)
-    assert run(generation)[1].text == "finishing"
+    assert collect_reply(generation)[1].text == "finishing"
     with pytest.raises(EngineStopped):
         engine.submit(request("echo too late"))
     assert engine.backend.closed
@@ -182,8 +170,8 @@ def test_a_long_prompt_is_read_in_chunks_while_a_reply_streams(make_engine):
     streaming = engine.submit(request("count 100"))
     assert isinstance(streaming.next_event(timeout=10), Delta)
     long_text = "echo " + "x" * 200
-    assert run(engine.submit(request(long_text)))[1].text == "x" * 200
-    run(streaming)
+    assert collect_reply(engine.submit(request(long_text)))[1].text == "x" * 200
+    collect_reply(streaming)
     stream_slot = engine.backend.decode_calls[0][0].slot
     reading_steps = [items for items in engine.backend.decode_calls
                      if any(i.slot != stream_slot and len(i.tokens) > 1 for i in items)]
@@ -199,7 +187,7 @@ def test_prompts_that_arrive_together_get_their_first_token_in_order(make_engine
     texts = [f"echo {name}" for name in ("ant", "bee", "cat", "dog")]
     generations = [engine.submit(request(text)) for text in texts]
     engine.start()
-    assert [run(g)[1].text for g in generations] == ["ant", "bee", "cat", "dog"]
+    assert [collect_reply(g)[1].text for g in generations] == ["ant", "bee", "cat", "dog"]
 
     def step_of_first_token(text: str) -> int:
         """The decode call that read the end of this prompt (and gave its first logits)."""
@@ -224,9 +212,9 @@ def test_cancelled_waiters_free_their_places_in_a_full_queue(make_engine):
     for generation in waiting:
         generation.cancel()  # the clients left while queued
     admitted = engine.submit(request("echo admitted"))  # at once, not after the running reply
-    assert [run(g)[1].finish_reason for g in waiting] == ["cancelled", "cancelled"]
+    assert [collect_reply(g)[1].finish_reason for g in waiting] == ["cancelled", "cancelled"]
     running.cancel()
-    assert run(admitted)[1].text == "admitted"
+    assert collect_reply(admitted)[1].text == "admitted"
 
 
 def test_a_request_that_waits_past_the_timeout_ends_without_running(make_engine):
@@ -236,8 +224,8 @@ def test_a_request_that_waits_past_the_timeout_ends_without_running(make_engine)
     try:
         running = engine.submit(request("count 1000", max_new_tokens=5000))
         waiting = engine.submit(request("echo too late"))
-        _, done = run(waiting)
+        _, done = collect_reply(waiting)
         assert done.finish_reason == "timeout" and done.completion_tokens == 0
-        assert run(running)[1].finish_reason == "timeout"
+        assert collect_reply(running)[1].finish_reason == "timeout"
     finally:
         engine.stop(drain_seconds=1)

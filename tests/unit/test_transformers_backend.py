@@ -19,11 +19,12 @@ from tanglebox.backends.transformers_backend import (  # noqa: E402
     DeviceInfo, TokenBytes, TransformersBackend, _one_gguf_parse, device_problem,
     loading_config, offload_warning, requested_quantization)
 from tanglebox.chat_request import ChatRequest  # noqa: E402
-from tanglebox.engine import Delta, Done, Engine  # noqa: E402
+from tanglebox.engine import Engine  # noqa: E402
 from tanglebox.model_location import ModelLocation  # noqa: E402
 from tanglebox.prompting import USER, Message  # noqa: E402
 from tanglebox.settings import defaults, load_settings  # noqa: E402
 from tests.conftest import write_settings  # noqa: E402
+from tests.replies import collect_reply  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -260,20 +261,11 @@ def test_replies_through_the_engine_match_alone_and_in_parallel(backend):
     engine = Engine(backend, "auto")
     engine.start()
     try:
-        def reply(generation):
-            deltas, done = "", None
-            for event in generation.events():
-                if isinstance(event, Delta):
-                    deltas += event.text
-                elif isinstance(event, Done):
-                    done = event
-            return deltas, done
-
         request = ChatRequest((Message(USER, "Hello there"),), "", 0.0, 12)
-        alone, done = reply(engine.submit(request))
+        alone, done = collect_reply(engine.submit(request))
         assert done.finish_reason in ("stop", "length") and alone == done.text
         together = [engine.submit(request) for _ in range(3)]
-        assert [reply(generation)[0] for generation in together] == [alone] * 3
+        assert [collect_reply(generation)[0] for generation in together] == [alone] * 3
     finally:
         engine.stop(drain_seconds=5)
 
