@@ -137,6 +137,9 @@ class LlamaCppBackend:
     # -- the model ------------------------------------------------------------------------
 
     def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
+        total = sum(len(item.tokens) for item in items)
+        if total > BATCH_TOKENS:  # before writing: the batch's arrays hold BATCH_TOKENS
+            raise ValueError(f"a decode of {total} tokens is over the batch size {BATCH_TOKENS}")
         batch = self._batch
         n = 0
         for item in items:
@@ -148,8 +151,6 @@ class LlamaCppBackend:
                 batch.seq_id[n][0] = item.slot
                 batch.logits[n] = item.want_logits and offset == last
                 n += 1
-        if n > BATCH_TOKENS:
-            raise ValueError(f"a decode of {n} tokens is over the batch size {BATCH_TOKENS}")
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:

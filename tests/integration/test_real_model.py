@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 
 from tanglebox.backends import load_backend
+from tanglebox.backends.base import DecodeItem
+from tanglebox.backends.llama_cpp_backend import BATCH_TOKENS, LlamaCppBackend
 from tanglebox.chat_request import ChatRequest
-from tanglebox.engine import Delta, Done, Engine
-from tanglebox.model_location import locate_model
+from tanglebox.engine import Done, Engine
+from tanglebox.model_location import embedded_model_path, locate_model
 from tanglebox.prompting import USER, Message
 from tanglebox.settings import load_settings
 from tests.replies import collect_reply
@@ -66,9 +68,23 @@ def test_a_stop_string_never_leaks(engine):
     stop = " " + words[2]  # a string this model produces at temperature 0, split over tokens
     generation = engine.submit(ChatRequest((Message(USER, "What is 2 + 2?"),), "", 0.0, 64,
                                            stop=(stop,)))
-    events = list(generation.events())
-    streamed = "".join(e.text for e in events if isinstance(e, Delta))
-    done = events[-1]
+    streamed, done = collect_reply(generation)
     assert done.finish_reason == "stop"
     assert streamed == done.text == full.text[:full.text.index(stop)]
     assert stop not in streamed
+
+
+def test_a_decode_over_the_batch_size_is_refused_and_the_backend_still_works():
+    backend = LlamaCppBackend(embedded_model_path(), 1024, 2, 0, "cpu")
+    try:
+        prompt = backend.tokenize("What is 2 + 2?")
+        fresh = backend.decode([DecodeItem(0, prompt, 0)])[0].copy()
+        too_many = [DecodeItem(1, [prompt[-1]] * (BATCH_TOKENS // 2 + 1), 0),
+                    DecodeItem(1, [prompt[-1]] * (BATCH_TOKENS // 2), 0)]
+        with pytest.raises(ValueError, match="over the batch size"):
+            backend.decode(too_many)
+        backend.forget(0, 0)
+        again = backend.decode([DecodeItem(0, prompt, 0)])[0]
+        assert int(again.argmax()) == int(fresh.argmax())
+    finally:
+        backend.close()
