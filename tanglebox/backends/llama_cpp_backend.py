@@ -140,9 +140,13 @@ class LlamaCppBackend:
         total = sum(len(item.tokens) for item in items)
         if total > BATCH_TOKENS:  # before writing: the batch's arrays hold BATCH_TOKENS
             raise ValueError(f"a decode of {total} tokens is over the batch size {BATCH_TOKENS}")
+        # In slot (sequence id) order: with a KV stream per sequence, llama.cpp makes one pass
+        # over the model per run of consecutive ids in the batch, and the engine lists its
+        # streams in admission order (python -m tanglebox.bench.batch_order: reversed 0.76).
+        in_order = sorted(range(len(items)), key=lambda i: items[i].slot)
         batch = self._batch
         n = 0
-        for item in items:
+        for item in (items[i] for i in in_order):
             last = len(item.tokens) - 1
             for offset, token in enumerate(item.tokens):
                 batch.token[n] = token
@@ -156,7 +160,11 @@ class LlamaCppBackend:
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         rows = iter(self._logits_rows(sum(item.want_logits for item in items)))
-        return [next(rows) if item.want_logits else None for item in items]
+        results: list[np.ndarray | None] = [None] * len(items)
+        for i in in_order:  # logits rows come in batch order
+            if items[i].want_logits:
+                results[i] = next(rows)
+        return results
 
     def forget(self, slot: int, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)

@@ -35,6 +35,14 @@ def cpu_threads() -> int:
                else os.cpu_count() or 1)
 
 
+def _in_order(nexts: list[tuple[int, int]], order: str, k: int) -> list[tuple[int, int]]:
+    if order == "rotated":
+        return sorted(nexts, key=lambda item: (item[0] - k // 2) % k)
+    if order == "reversed":
+        return sorted(nexts, reverse=True)
+    return nexts  # ascending ids already
+
+
 class DirectModel:
     """The model loaded once; ``generate`` runs K prompts batched, greedily, to max_tokens."""
 
@@ -85,9 +93,15 @@ class DirectModel:
                                special(lc.llama_vocab_eos(self.vocab)))
 
     def generate(self, prompts: list[list[int]], max_tokens: int,
-                 context_per_stream: int = 1024) -> list[StreamTimes]:
+                 context_per_stream: int = 1024, order: str = "ids") -> list[StreamTimes]:
         """K prompts at once on a warm context for K sequences (made once per K, emptied per
-        call), as a server holds its context: no first-call allocation in the timings."""
+        call), as a server holds its context: no first-call allocation in the timings.
+
+        ``order`` is how each generation step lists the sequences in its batch: ``ids``
+        (ascending sequence ids), ``rotated`` (ids K/2…K-1 first, then 0…K/2-1: two runs of
+        consecutive ids, as when streams ended and restarted at different times) or
+        ``reversed``. With a KV stream per sequence llama.cpp decodes each run of consecutive
+        ids separately (``bench/batch_order.py`` measures what that costs)."""
         lc = self.llama_cpp
         k = len(prompts)
         if sum(len(p) for p in prompts) > BATCH_TOKENS:
@@ -106,9 +120,10 @@ class DirectModel:
             self._run(*self._contexts[k], [prompts[0][:8]] * k, 2)  # warm-up
         ctx, batch = self._contexts[k]
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        return self._run(ctx, batch, prompts, max_tokens)
+        return self._run(ctx, batch, prompts, max_tokens, order)
 
-    def _run(self, ctx, batch, prompts: list[list[int]], max_tokens: int) -> list[StreamTimes]:
+    def _run(self, ctx, batch, prompts: list[list[int]], max_tokens: int,
+             order: str = "ids") -> list[StreamTimes]:
         lc = self.llama_cpp
         started = time.monotonic()
         streams = [StreamTimes(started, [], "") for _ in prompts]
@@ -142,6 +157,7 @@ class DirectModel:
                     nexts.append((seq, token))
             if not nexts:
                 break
+            nexts = _in_order(nexts, order, len(prompts))
             for i, (seq, token) in enumerate(nexts):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, positions[seq], 1
                 batch.seq_id[i][0] = seq

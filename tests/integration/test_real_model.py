@@ -88,3 +88,26 @@ def test_a_decode_over_the_batch_size_is_refused_and_the_backend_still_works():
         assert int(again.argmax()) == int(fresh.argmax())
     finally:
         backend.close()
+
+
+def test_each_item_gets_its_own_logits_whatever_the_order_of_the_slots():
+    """The backend hands llama.cpp the batch in slot order (out-of-order sequence ids split a
+    step into several decodes); each item must still get the logits of its own sequence."""
+    backend = LlamaCppBackend(embedded_model_path(), 256, 3, 0, "cpu")
+    try:
+        prompts = [backend.tokenize(text) for text in
+                   ("What is 2 + 2?", "Name a colour.", "Write a word that rhymes with cat.")]
+        alone = []
+        for slot, prompt in enumerate(prompts):
+            alone.append(backend.decode([DecodeItem(slot, prompt, 0)])[0].copy())
+            backend.forget(slot, 0)
+        # slot 2, nothing for slot 1 (no logits wanted), then slot 0
+        items = [DecodeItem(2, prompts[2], 0), DecodeItem(1, prompts[1], 0, want_logits=False),
+                 DecodeItem(0, prompts[0], 0)]
+        together = backend.decode(items)
+        assert together[1] is None
+        for logits, slot in ((together[0], 2), (together[2], 0)):
+            assert int(logits.argmax()) == int(alone[slot].argmax())
+            assert abs(logits - alone[slot]).max() < 1e-2 * abs(alone[slot]).max()
+    finally:
+        backend.close()
