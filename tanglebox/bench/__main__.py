@@ -231,6 +231,7 @@ class Row:
     health_p99: float
     ping_p99: float
     errors: int
+    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round, in order
 
 
 def summarize(runs: list[Run]) -> Row:
@@ -242,7 +243,7 @@ def summarize(runs: list[Run]) -> Row:
                statistics.median(rates) if rates else float("nan"),
                statistics.median(r.tokens / r.clients for r in runs),
                percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
-               sum(len(r.errors) for r in runs))
+               sum(len(r.errors) for r in runs), rates)
 
 
 def ms(seconds: float) -> str:
@@ -280,9 +281,11 @@ def goals(rows: list[Row], largest: int) -> list[str]:
                          f"(goal ≥ 0.85): {'met' if ratio >= 0.85 else 'missed'}")
         server = by.get(("llama-server", largest))
         if many and server:
+            won = sum(a > b for a, b in zip(many.round_rates, server.round_rates))
             lines.append(f"{surface}, {largest} clients: {many.tokens_per_second:.1f} vs "
                          f"llama-server {server.tokens_per_second:.1f} tokens/s (goal: above): "
-                         f"{'met' if many.tokens_per_second > server.tokens_per_second else 'missed'}")
+                         f"{'met' if many.tokens_per_second > server.tokens_per_second else 'missed'}"
+                         f"; above it in {won} of {len(server.round_rates)} rounds")
             lines.append(f"{surface}, {largest} clients: TTFT p50 {ms(many.ttft_p50)} ms vs "
                          f"llama-server {ms(server.ttft_p50)} ms (goal: below): "
                          f"{'met' if many.ttft_p50 < server.ttft_p50 else 'missed'}")

@@ -102,8 +102,8 @@ from tanglebox.web.ui_fragments import (
 )
 
 RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
-RENDER_CPU_SHARE = 0.1  # of one core, for re-rendering every streaming reply of this process
-STOP_POLL_SECONDS = 0.05  # while streaming, how often the socket is checked for a Stop
+RENDER_CPU_SHARE = 0.03  # of one core, for re-rendering every streaming reply of this process
+STOP_POLL_SECONDS = 0.1  # while no token comes, how often the socket is checked for a Stop
 TAKEOVER_WAIT_SECONDS = 2.0  # a reconnecting page waits this long for the old reply to end
 IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
 
@@ -123,9 +123,11 @@ class RenderPacer:
     Each re-render (Markdown to HTML, then the send) takes CPU from the model on a CPU server.
     A reply is re-rendered at most every ``RENDER_INTERVAL_SECONDS``, and less often when its
     render is slow (a long reply) or many replies stream at once, so that re-rendering all of
-    them stays near ``RENDER_CPU_SHARE`` of one core: with 8 replies that each take 1.5 ms to
-    render, each updates about every 120 ms instead of every 80. Greenlets share one thread,
-    so the count needs no lock.
+    them stays near ``RENDER_CPU_SHARE`` of one core. On a CPU server every core is busy with
+    the model while replies stream, so this is taken from everyone's tokens: with 8 replies
+    of about 500 characters (0.5 ms a render) each updates every ~150 ms instead of every
+    80 (measured in docs/benchmarks.md, "Serving"). Greenlets share one thread, so the count
+    needs no lock.
     """
 
     def __init__(self) -> None:
@@ -374,6 +376,8 @@ class ChatSocket:
     def _command_while_streaming(self) -> str:
         """"stop" or "new" when the reply must end now; answers other messages meanwhile."""
         while True:
+            if self.ws.connected and not self.ws.input_buffer:
+                return ""  # checked in place: receive(timeout=0) costs a trip through the hub
             raw = self.ws.receive(timeout=0)  # a closed socket raises here: the reply ends
             if raw is None:
                 return ""
