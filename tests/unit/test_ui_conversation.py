@@ -103,6 +103,9 @@ def test_history_alternates_user_and_assistant_up_to_a_turn():
 class ScriptedClient:
     """Stands in for simple-websocket's Server: scripted messages in, fragments recorded."""
 
+    connected = True
+    input_buffer: list[str] = []  # what arrived while a reply streams: here, nothing
+
     def __init__(self, *messages: dict) -> None:
         self.incoming = [json.dumps({**m, "HEADERS": {"HX-Request": "true"}}) for m in messages]
         self.sent: list[str] = []
