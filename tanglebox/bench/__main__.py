@@ -236,11 +236,13 @@ class Row:
 
 def summarize(runs: list[Run]) -> Row:
     pooled = lambda name: [v for r in runs for v in getattr(r, name)]  # noqa: E731
-    rates = [r.tokens / r.seconds for r in runs if r.seconds and r.seconds == r.seconds]
+    rates = [r.tokens / r.seconds if r.seconds and r.seconds == r.seconds else float("nan")
+             for r in runs]  # one per round, NaN where no token came
+    finite = [rate for rate in rates if rate == rate]
     return Row(runs[0].contestant, runs[0].clients, len(runs),
                percentile(pooled("ttft"), 50), percentile(pooled("ttft"), 95),
                percentile(pooled("itl"), 50), percentile(pooled("itl"), 95),
-               statistics.median(rates) if rates else float("nan"),
+               statistics.median(finite) if finite else float("nan"),
                statistics.median(r.tokens / r.clients for r in runs),
                percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
                sum(len(r.errors) for r in runs), rates)
@@ -281,11 +283,13 @@ def goals(rows: list[Row], largest: int) -> list[str]:
                          f"(goal ≥ 0.85): {'met' if ratio >= 0.85 else 'missed'}")
         server = by.get(("llama-server", largest))
         if many and server:
-            won = sum(a > b for a, b in zip(many.round_rates, server.round_rates))
+            pairs = [(a, b) for a, b in zip(many.round_rates, server.round_rates)
+                     if a == a and b == b]  # rounds where both streamed
+            won = sum(a > b for a, b in pairs)
             lines.append(f"{surface}, {largest} clients: {many.tokens_per_second:.1f} vs "
                          f"llama-server {server.tokens_per_second:.1f} tokens/s (goal: above): "
                          f"{'met' if many.tokens_per_second > server.tokens_per_second else 'missed'}"
-                         f"; above it in {won} of {len(server.round_rates)} rounds")
+                         f"; above it in {won} of {len(pairs)} rounds")
             lines.append(f"{surface}, {largest} clients: TTFT p50 {ms(many.ttft_p50)} ms vs "
                          f"llama-server {ms(server.ttft_p50)} ms (goal: below): "
                          f"{'met' if many.ttft_p50 < server.ttft_p50 else 'missed'}")

@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     model = DirectModel(path)
     rates: dict[str, list[float]] = {order: [] for order in ORDERS}
     for round_ in range(args.rounds):
+        # the same prompts for every order (each run starts from an empty cache), so the
+        # orders differ in nothing else
+        prompts = [model.tokenize(f"Story {round_}.{i}: write a long story.")
+                   for i in range(args.streams)]
         for order in ORDERS if round_ % 2 == 0 else ORDERS[::-1]:
-            prompts = [model.tokenize(f"Story {round_}.{order}.{i}: write a long story.")
-                       for i in range(args.streams)]
             streams = model.generate(prompts, args.tokens, order=order)
             seconds = max(s.token_times[-1] for s in streams if s.token_times) - streams[0].started
             rates[order].append(sum(len(s.token_times) for s in streams) / seconds)

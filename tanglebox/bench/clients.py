@@ -23,7 +23,7 @@ import websocket
 
 # A fragment that starts with the reply's article and shows some text in it (not the typing
 # dots of an empty reply): a match is a chunk of the reply.
-REPLY_WITH_TEXT = re.compile(r'<article id="turn-\d+-reply"[^>]*>.*?'
+REPLY_WITH_TEXT = re.compile(r'<article id="turn-\d+-reply"[^>]*>(?:(?!</article>).)*?'
                              r'<div class="message__content markdown">(?!</div>|<span class="typing")',
                              re.S)
 REPLY_TIMEOUT = 300.0  # seconds a single reply may take before the client gives up

@@ -335,12 +335,15 @@ class ChatSocket:
         reply = self.conversation.reply
         text, shown, outcome, command = "", "", None, ""
         last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
-        RENDER_PACER.streaming += 1
+        counted = False  # in RENDER_PACER's count from the first token (not while queued)
         try:
             while True:
                 event = reply.generation.next_event(timeout=STOP_POLL_SECONDS)
                 if isinstance(event, Delta):
                     text += event.text
+                    if not counted:
+                        RENDER_PACER.streaming += 1
+                        counted = True
                 elif event is not None:
                     outcome = event
                     break
@@ -353,7 +356,8 @@ class ChatSocket:
                     interval = RENDER_PACER.interval_after(time.monotonic() - now)
                     shown, last_render = text, now
         finally:
-            RENDER_PACER.streaming -= 1
+            if counted:
+                RENDER_PACER.streaming -= 1
             if outcome is None:  # Stop, New chat, a closed socket, or a reconnect took over
                 reply.generation.cancel()
                 turn.reply = text

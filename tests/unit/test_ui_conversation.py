@@ -17,7 +17,7 @@ from tanglebox.web.ui_conversation import (
     conversation_store,
     new_conversation,
 )
-from tanglebox.web.ui_socket import ChatSocket
+from tanglebox.web.ui_socket import RENDER_PACER, ChatSocket
 from tests.fake_backend import SPECIALS
 
 SPECIAL_NAMES = {token: name for name, token in SPECIALS.items()}
@@ -170,3 +170,9 @@ def test_a_turn_sends_fragments_in_the_documented_order(app):
     assert 'id="messages" ' in sync and 'hx-swap-oob="beforeend:#messages"' in first
     assert all('id="turn-1-reply"' in update for update in updates)
     assert last.startswith('<article id="turn-1-reply"') and 'id="composer"' in last
+
+
+def test_a_finished_reply_leaves_the_render_budget_to_the_others(app):
+    before = RENDER_PACER.streaming
+    talk(app, PAGE, {"userPrompt": "count 5"}, {"userPrompt": "echo again"})
+    assert RENDER_PACER.streaming == before
