@@ -6,7 +6,8 @@ Flow of a request::
                                             │  round-robin across clients
     engine thread (a real OS thread) ◄──────┘
       admit: render the prompt, tokenize, pick the free slot whose cached tokens share the
-             longest prefix with it (else the least recently used) and drop the rest
+             longest prefix with it (else one next to a busy slot, else the least recently
+             used) and drop the rest
       step:  one backend.decode over every active slot: one token per generating slot, plus
              prompt chunks of admitted ones (prefill interleaved with generation)
       then:  sample, detokenize UTF-8-safely, hold back partial stop strings, emit Delta;
@@ -38,6 +39,11 @@ from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
 
 log = logging.getLogger(__name__)
+
+# Cached prompt tokens worth less than keeping the busy slots consecutive: reading 32 prompt
+# tokens again costs about 0.2 s on 2 CPU cores once, a second run of slots about 8 % of every
+# step of every reply while it lasts (python -m tanglebox.bench.batch_order).
+SLOT_PREFIX_SLACK = 32
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_TIMEOUT, FINISH_SHUTDOWN = (
     "stop", "length", "cancelled", "timeout", "shutdown")
@@ -341,7 +347,7 @@ class Engine:
         if self.log_prompts:
             log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
                      prompt.text)
-        slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
+        slot = self._choose_slot(free, tokens)
         keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
         try:
             self.backend.forget(slot.index, keep)
@@ -356,6 +362,19 @@ class Engine:
             generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
             to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
             rng=np.random.default_rng(seed), admitted_at=time.monotonic()))
+
+    def _choose_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
+        """The free slot whose cache shares the longest prefix with ``tokens`` (for a
+        conversation's next turn, its own slot). Slots within ``SLOT_PREFIX_SLACK`` tokens of
+        that are as good: among them, one that keeps the busy slots in one run of consecutive
+        indices (llama.cpp decodes each run of consecutive sequence ids in a pass of its own),
+        then the longer prefix, then the least recently used."""
+        prefixes = {slot.index: _common_prefix(slot.tokens, tokens) for slot in free}
+        longest = max(prefixes.values())
+        busy = {slot.index for slot in self._slots if slot.busy}
+        return max((slot for slot in free if prefixes[slot.index] >= longest - SLOT_PREFIX_SLACK),
+                   key=lambda s: ((s.index - 1 in busy) + (s.index + 1 in busy),
+                                  prefixes[s.index], -s.last_used))
 
     def _step(self) -> None:
         now = time.monotonic()

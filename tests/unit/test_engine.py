@@ -141,6 +141,24 @@ def test_round_robin_admission_across_clients(make_engine):
                 admitted.append(text)
     assert admitted[:2] == ["alpha", "polite"]  # not behind the greedy client's other four
 
+def test_a_new_reply_takes_a_slot_next_to_the_busy_ones(make_engine):
+    """llama.cpp decodes each run of consecutive slots in a pass of its own: a free slot
+    between two busy ones beats the least recently used one at the end."""
+    engine = make_engine(max_sequences=4, step_delay=0.002)
+    long_a, middle, long_c, short = (engine.submit(request(text, client=str(i))) for i, text in
+                                     enumerate(["count 400", "echo b" * 20, "count 400", "echo d"]))
+    engine.start()
+    collect_reply(short)  # slot 3 is free first (least recently used) ...
+    collect_reply(middle)  # ... then slot 1, between the two long replies
+    newcomer = engine.submit(request("echo newcomer"))
+    assert collect_reply(newcomer)[1].text == "newcomer"
+    long_a.cancel()
+    long_c.cancel()
+    slots = {bytes(t for t in item.tokens if t < 256).decode(): item.slot
+             for items in engine.backend.decode_calls for item in items if len(item.tokens) > 1}
+    assert [slot for text, slot in slots.items() if "newcomer" in text] == [1]
+
+
 def test_the_next_turn_reuses_the_cached_conversation(make_engine):
     engine = make_engine(max_sequences=2)
     engine.start()
