@@ -347,8 +347,8 @@ class Engine:
         if self.log_prompts:
             log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
                      prompt.text)
-        slot = self._choose_slot(free, tokens)
-        keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
+        slot, cached = self._choose_slot(free, tokens)
+        keep = min(cached, len(tokens) - 1)
         try:
             self.backend.forget(slot.index, keep)
         except Exception:  # noqa: BLE001
@@ -363,8 +363,10 @@ class Engine:
             to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
             rng=np.random.default_rng(seed), admitted_at=time.monotonic()))
 
-    def _choose_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
-        """The free slot whose cache shares the longest prefix with ``tokens`` (for a
+    def _choose_slot(self, free: list[_Slot], tokens: list[int]) -> tuple[_Slot, int]:
+        """The free slot for ``tokens`` and how many of them its cache already holds.
+
+        First the slot whose cache shares the longest prefix with ``tokens`` (for a
         conversation's next turn, its own slot). Slots within ``SLOT_PREFIX_SLACK`` tokens of
         that are as good: among them, one that keeps the busy slots in one run of consecutive
         indices (llama.cpp decodes each run of consecutive sequence ids in a pass of its own),
@@ -372,9 +374,10 @@ class Engine:
         prefixes = {slot.index: _common_prefix(slot.tokens, tokens) for slot in free}
         longest = max(prefixes.values())
         busy = {slot.index for slot in self._slots if slot.busy}
-        return max((slot for slot in free if prefixes[slot.index] >= longest - SLOT_PREFIX_SLACK),
+        slot = max((slot for slot in free if prefixes[slot.index] >= longest - SLOT_PREFIX_SLACK),
                    key=lambda s: ((s.index - 1 in busy) + (s.index + 1 in busy),
                                   prefixes[s.index], -s.last_used))
+        return slot, prefixes[slot.index]
 
     def _step(self) -> None:
         now = time.monotonic()

@@ -155,8 +155,9 @@ class UiSocketClient:
             if REPLY_WITH_TEXT.match(fragment):
                 reply.chunk_times.append(now)
                 last_reply = fragment
-            if 'id="chat-error"' in fragment:
-                reply.error = _element_text(fragment, "chat-error") or reply.error
+            error = _element_text(fragment, "chat-error")  # tests the id before parsing
+            if error:
+                reply.error = error
             if _composer_enabled(fragment):
                 break
         reply.text = _reply_content(last_reply)
