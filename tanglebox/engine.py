@@ -112,8 +112,11 @@ class Generation:
         while not self._finished:
             yield self.next_event()
 
-    def _emit(self, event: Event) -> None:
-        self._channel.put(event, final=isinstance(event, (Done, Error)))
+    def _emit(self, event: Event, wake: bool = True) -> None:
+        self._channel.put(event, final=isinstance(event, (Done, Error)), wake=wake)
+
+    def _wake(self) -> None:
+        self._channel.wake()
 
 
 @dataclass
@@ -165,6 +168,9 @@ class Engine:
         self._stopping = False
         self._stopped = handoff.Wakeup()
         self._started = False
+        # While a step hands out tokens: the generations to wake when it is done, in order
+        # (a dict, so each is woken once: the last wake after a final event closes its watcher).
+        self._unwoken: dict[Generation, None] | None = None
 
     # -- the adapters' side -------------------------------------------------------------
 
@@ -414,16 +420,34 @@ class Engine:
             for seq in list(self._active):
                 self._fail_sequence(seq, Error("internal", "The model failed; please try again."))
             return
-        for (seq, item), logits in zip(items, all_logits):
-            seq.slot.tokens.extend(item.tokens)
-            if item.want_logits:
-                try:
-                    token = sample_token(logits, seq.generation.request.temperature, seq.rng)
-                    self._accept_token(seq, token)
-                except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
-                    log.exception("sampling a token failed")
-                    self._fail_sequence(seq, Error("internal",
-                                                   "The model failed; please try again."))
+        # The readers are woken once every token of the step is handed out: a reader's
+        # greenlet runs on the web's thread, which would otherwise take the GIL at this
+        # loop's first GIL release (numpy, ctypes) and hold up the next decode meanwhile.
+        self._unwoken = {}
+        try:
+            for (seq, item), logits in zip(items, all_logits):
+                seq.slot.tokens.extend(item.tokens)
+                if item.want_logits:
+                    try:
+                        token = sample_token(logits, seq.generation.request.temperature, seq.rng)
+                        self._accept_token(seq, token)
+                    except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
+                        log.exception("sampling a token failed")
+                        self._fail_sequence(seq, Error("internal",
+                                                       "The model failed; please try again."))
+        finally:
+            unwoken, self._unwoken = self._unwoken, None
+            for generation in unwoken:
+                generation._wake()
+
+    def _send(self, generation: Generation, event: Event) -> None:
+        """Give ``event`` to the generation's reader (woken at the end of a step's token loop
+        when sent from it)."""
+        if self._unwoken is None:
+            generation._emit(event)
+        else:
+            generation._emit(event, wake=False)
+            self._unwoken[generation] = None
 
     def _accept_token(self, seq: _Sequence, token: int) -> None:
         if seq.first_token_at is None:
@@ -434,7 +458,7 @@ class Engine:
         seq.completion_tokens += 1
         delta = seq.reply.feed(self.backend.token_bytes(token))
         if delta:
-            seq.generation._emit(Delta(delta))
+            self._send(seq.generation, Delta(delta))
         if seq.reply.stopped:
             self._finish(seq, FINISH_STOP)
         elif (seq.completion_tokens >= seq.generation.request.max_new_tokens
@@ -446,7 +470,7 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str) -> None:
         rest = seq.reply.finish()
         if rest:
-            seq.generation._emit(Delta(rest))
+            self._send(seq.generation, Delta(rest))
         now = time.monotonic()
         first = seq.first_token_at or now
         generating_s = now - first
@@ -460,7 +484,7 @@ class Engine:
         done = Done(reason, seq.reply.text, seq.prompt_tokens, seq.completion_tokens,
                     seq.cached_tokens, timings)
         self._release(seq)
-        seq.generation._emit(done)
+        self._send(seq.generation, done)
         if self.log_prompts:
             log.info("generation %s: %s, %d tokens, %s", seq.generation.id, reason,
                      seq.completion_tokens, timings)
@@ -468,7 +492,7 @@ class Engine:
     def _fail_sequence(self, seq: _Sequence, error: Error) -> None:
         if seq in self._active:
             self._release(seq)
-        seq.generation._emit(error)
+        self._send(seq.generation, error)
 
     def _release(self, seq: _Sequence) -> None:
         self._active.remove(seq)

@@ -84,9 +84,14 @@ class EventChannel:
             self._watcher = None
             self._notify = self._ready.set
 
-    def put(self, item: Any, final: bool = False) -> None:
+    def put(self, item: Any, final: bool = False, wake: bool = True) -> None:
+        """Queue ``item``; ``wake=False`` leaves waking the consumer to a later ``wake()``."""
         self._items.append(item)
         self._final_put = final
+        if wake:
+            self._notify()
+
+    def wake(self) -> None:
         self._notify()
 
     def get(self, timeout: float | None = None) -> Any | None:

@@ -87,6 +87,9 @@ class LlamaCppBackend:
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._piece_cache: dict[int, bytes] = {}
+        # Answered from Python after a token's first time: a ctypes call releases the GIL,
+        # and the engine asks for every token between two decodes (see Engine._step).
+        self._end_of_turn_cache: dict[int, bool] = {}
         self.model_name = path.name
         self.device = device
         self.chat_format = ModelChatFormat(
@@ -132,7 +135,11 @@ class LlamaCppBackend:
         return piece
 
     def is_end_of_turn(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        answer = self._end_of_turn_cache.get(token)
+        if answer is None:
+            answer = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+            self._end_of_turn_cache[token] = answer
+        return answer
 
     # -- the model ------------------------------------------------------------------------
 

@@ -159,6 +159,25 @@ def test_a_new_reply_takes_a_slot_next_to_the_busy_ones(make_engine):
     assert [slot for text, slot in slots.items() if "newcomer" in text] == [1]
 
 
+def test_readers_are_woken_after_the_step_has_handed_out_every_token(make_engine):
+    """Under gevent a woken reader's greenlet takes the GIL at the token loop's next GIL
+    release (numpy's argmax, a ctypes call) and holds up the next decode while it runs."""
+    engine = make_engine(max_sequences=3)
+    generations = [engine.submit(request(f"echo reply {i}")) for i in range(3)]
+    order = []  # what the engine thread did, in order
+    decode, token_bytes = engine.backend.decode, engine.backend.token_bytes
+    engine.backend.decode = lambda items: (order.append("decode"), decode(items))[1]
+    engine.backend.token_bytes = lambda token: (order.append("token"), token_bytes(token))[1]
+    for generation in generations:
+        channel = generation._channel
+        channel._notify = lambda wake=channel._notify: (order.append("wake"), wake())
+    engine.start()
+    assert [collect_reply(g)[1].text for g in generations] == [f"reply {i}" for i in range(3)]
+    steps = "".join("|" if event == "decode" else event[0] for event in order).split("|")
+    assert "tw" in "".join(steps)  # tokens were handed out and readers woken
+    assert all("wt" not in step for step in steps)  # and never a token after a wake-up
+
+
 def test_the_next_turn_reuses_the_cached_conversation(make_engine):
     engine = make_engine(max_sequences=2)
     engine.start()
