@@ -4,12 +4,15 @@ backend, and once on the real model.
 
 Every page is watched for console errors, CSP violations included. The screenshots in ``docs/``
 are taken here, from a conversation with a canned reply that shows a heading, a list, a code
-block and a table.
+block and a table: into a temporary folder, or into the folder named by
+``TANGLEBOX_SCREENSHOTS_DIR`` (``TANGLEBOX_SCREENSHOTS_DIR=docs`` refreshes the README's), so a
+test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -289,16 +292,20 @@ def test_a_phone_sized_screen_never_scrolls_sideways(open_page, server):
     ("light", DESKTOP, "screenshot-desktop.png", 1),
     ("dark", PHONE, "screenshot-phone.png", 2),
 ])
-def test_screenshots_of_a_conversation(open_page, server, color_scheme, viewport, name, scale):
+def test_screenshots_of_a_conversation(open_page, server, color_scheme, viewport, name, scale,
+                                       tmp_path):
     page = connected(open_page(server.url, viewport=viewport, color_scheme=color_scheme,
                                device_scale_factor=scale))
     send(page, QUESTION)
     expect(finished_reply(page).locator("table")).to_be_visible()
     if viewport is PHONE:
         page.evaluate("document.getElementById('chat-scroll').scrollTop = 0")  # the question
-    (ROOT / "docs").mkdir(exist_ok=True)
+    folder = Path(os.environ.get("TANGLEBOX_SCREENSHOTS_DIR") or tmp_path)
+    folder = folder if folder.is_absolute() else ROOT / folder
+    folder.mkdir(parents=True, exist_ok=True)
     # caret="initial": hiding the caret injects a <style>, which our own CSP refuses.
-    page.screenshot(path=str(ROOT / "docs" / name), caret="initial")
+    page.screenshot(path=str(folder / name), caret="initial")
+    assert (folder / name).read_bytes().startswith(b"\x89PNG")
 
 
 def test_after_an_idle_close_the_page_reconnects_when_used_and_the_conversation_goes_on(
