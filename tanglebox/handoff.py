@@ -65,9 +65,12 @@ class Wakeup:
 class EventChannel:
     """One producer (the engine thread) puts; one consumer (a greenlet or thread) gets.
 
-    The producer marks its last item ``final``; the gevent watcher then closes itself from its
-    own callback, in the hub's thread, so a consumer that went away never leaks it and the
-    producer never touches a closed watcher.
+    The producer marks its last item ``final``. Under gevent, the watcher closes itself from its
+    own callback, in the hub's thread, once the wake-up sent after the final item has come, so
+    a consumer that went away never leaks it. The producer may hold wake-ups back (``put(...,
+    wake=False)``, then ``wake()``), and a callback of an earlier wake-up may run meanwhile: a
+    lock makes "send a wake-up" and "close the watcher" exclude each other, so the producer
+    never sends on a closed watcher and the watcher closes only after the last wake-up.
     """
 
     def __init__(self) -> None:
@@ -78,21 +81,29 @@ class EventChannel:
             self._ready = gevent.event.Event()
             self._watcher = gevent.get_hub().loop.async_()
             self._watcher.start(self._on_wake)
-            self._notify = self._watcher.send
+            self._watcher_lock = native_lock()
+            self._final_sent = False  # the wake-up after the final item has been sent
+            self._closed = False
         else:
             self._ready = threading.Event()
             self._watcher = None
-            self._notify = self._ready.set
 
     def put(self, item: Any, final: bool = False, wake: bool = True) -> None:
         """Queue ``item``; ``wake=False`` leaves waking the consumer to a later ``wake()``."""
         self._items.append(item)
-        self._final_put = final
+        if final:
+            self._final_put = True
         if wake:
-            self._notify()
+            self.wake()
 
     def wake(self) -> None:
-        self._notify()
+        if self._watcher is None:
+            self._ready.set()
+            return
+        with self._watcher_lock:
+            if not self._closed:  # closed only after a wake-up that followed the final item
+                self._final_sent = self._final_put
+                self._watcher.send()
 
     def get(self, timeout: float | None = None) -> Any | None:
         """The next item, or None when ``timeout`` seconds pass without one."""
@@ -107,6 +118,8 @@ class EventChannel:
 
     def _on_wake(self) -> None:
         self._ready.set()
-        if self._final_put:
-            self._watcher.stop()
-            self._watcher.close()
+        with self._watcher_lock:
+            if self._final_sent and not self._closed:
+                self._closed = True
+                self._watcher.stop()
+                self._watcher.close()

@@ -170,7 +170,7 @@ def test_readers_are_woken_after_the_step_has_handed_out_every_token(make_engine
     engine.backend.token_bytes = lambda token: (order.append("token"), token_bytes(token))[1]
     for generation in generations:
         channel = generation._channel
-        channel._notify = lambda wake=channel._notify: (order.append("wake"), wake())
+        channel.wake = lambda wake=channel.wake: (order.append("wake"), wake())
     engine.start()
     assert [collect_reply(g)[1].text for g in generations] == [f"reply {i}" for i in range(3)]
     steps = "".join("|" if event == "decode" else event[0] for event in order).split("|")

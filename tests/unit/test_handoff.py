@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from tanglebox.handoff import EventChannel, Wakeup, start_native_thread
 from tests.conftest import ROOT
@@ -44,6 +47,55 @@ def test_greenlets_keep_running_while_they_wait_for_the_engine():
     assert replies_ok == "True"
     # ~90 decode steps of 5 ms each: a hub blocked on the engine would not tick at all.
     assert int(ticks) > 20
+
+
+# The engine holds wake-ups back while a step hands out its tokens (put(..., wake=False), then
+# wake()), so the hub may run the callback of an earlier wake-up between the final item and
+# its wake-up. The producer yields the GIL there, as numpy and ctypes calls do in the engine.
+HELD_WAKE_SCRIPT = textwrap.dedent("""
+    import sys
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent, time
+    from tanglebox.handoff import EventChannel, native_lock, start_native_thread
+
+    channels = [EventChannel() for _ in range(300)]
+    failures = []
+    done = native_lock()
+    done.acquire()
+    def produce():
+        try:
+            for channel in channels:
+                channel.put("delta")
+                time.sleep(0.0002)  # the hub may run the delta's callback from here on
+                channel.put("done", final=True, wake=False)
+                time.sleep(0.0002)
+                channel.wake()
+                channel.wake()  # a second wake-up after the final one changes nothing
+        except Exception as err:
+            failures.append(repr(err))
+        finally:
+            done.release()
+    def consume(channel):
+        return [channel.get(timeout=10), channel.get(timeout=10)]
+    readers = [gevent.spawn(consume, c) for c in channels]
+    start_native_thread(produce)
+    gevent.joinall(readers, timeout=60)
+    while not done.acquire(False):
+        gevent.sleep(0.01)
+    gevent.sleep(0.05)  # callbacks of the last wake-ups
+    print(failures == [], all(r.value == ["delta", "done"] for r in readers),
+          all(c._closed for c in channels))
+""")
+
+
+@pytest.mark.parametrize("loop", ["libev-cext", "libev-cffi", "libuv-cffi"])
+def test_held_back_wake_ups_never_touch_a_closed_watcher_and_every_watcher_closes(loop):
+    result = subprocess.run([sys.executable, "-c", HELD_WAKE_SCRIPT], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GEVENT_LOOP": loop})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"], result.stderr
 
 
 def test_channel_between_a_native_thread_and_a_thread():
