@@ -22,12 +22,11 @@ server (then the server's own settings apply; it must allow ``--max-tokens``).
 
 Reported per contestant and K: time to first token p50/p95 (from the prompt being sent to the
 first chunk), inter-token latency p50/p95 (per reply: first to last chunk over its tokens - 1),
-aggregate tokens/s (all tokens / wall time from the first send to the last token), the CPU
-time the server used per token (its processes' user + system time over the run: less sensitive
-to a shared machine's drift than wall time), and the p99 of the ``/health`` and ping probes
-while the K streams run (each probe every ``--probe-interval`` seconds, so they measure the web
-side without loading it much). Against llama-server, the goal line gives the median of the
-per-round ratios (both measured in the same round).
+aggregate tokens/s (all tokens / wall time from the first send to the last token), and the p99
+of the ``/health`` and ping probes while the K streams run (each probe every
+``--probe-interval`` seconds, so they measure the web side without loading it much). Against
+llama-server, the goal line gives the median of the per-round ratios (both measured in the
+same round).
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ class Run:
     health: list[float] = field(default_factory=list)
     ping: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    cpu_seconds: float = float("nan")  # the server's (direct: this process's) CPU time
 
 
 class Prompts:
@@ -98,7 +96,6 @@ def percentile(values: list[float], p: float) -> float:
 
 def run_direct(model: DirectModel, render, prompts: list[str], max_tokens: int) -> Run:
     run = Run("llama-cpp-python direct", len(prompts))
-    cpu_before = cpu_seconds([os.getpid()])
     streams = model.generate([model.tokenize(render(p)) for p in prompts], max_tokens,
                              context_per_stream=CONTEXT_LENGTH)
     started = streams[0].started
@@ -115,14 +112,12 @@ def run_direct(model: DirectModel, render, prompts: list[str], max_tokens: int) 
             run.itl.append((times[-1] - times[0]) / (count - 1))
         last = max(last, times[-1])
     run.seconds = last - started
-    run.cpu_seconds = cpu_seconds([os.getpid()]) - cpu_before
     return run
 
 
 def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
-                probes: list[bench_clients.Probe], server_pids: list[int] = ()) -> Run:
-    """K clients send at the same moment; probes run while they stream. ``server_pids``: the
-    processes whose CPU time the run is charged (none: not measured)."""
+                probes: list[bench_clients.Probe]) -> Run:
+    """K clients send at the same moment; probes run while they stream."""
     run = Run(contestant, len(prompts))
     clients = [make_client() for _ in prompts]
     for client in clients:
@@ -142,12 +137,9 @@ def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
         thread.start()
     for probe in probes:
         probe.start()
-    cpu_before = cpu_seconds(server_pids)
     barrier.wait()
     for thread in threads:
         thread.join(bench_clients.REPLY_TIMEOUT)
-    if server_pids:
-        run.cpu_seconds = cpu_seconds(server_pids) - cpu_before
     for probe in probes:
         latencies = probe.stop()
         if probe is probes[0]:
@@ -201,12 +193,6 @@ def _machine_busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system time used so far by these processes and their descendants."""
-    return (sum(_process_ticks(pid) for pid in _with_descendants(list(pids)))
-            / os.sysconf("SC_CLK_TCK"))
-
-
 def _process_ticks(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -244,7 +230,6 @@ class Row:
     itl_p50: float
     itl_p95: float
     tokens_per_second: float  # median over rounds
-    cpu_ms_per_token: float  # median over rounds
     per_client_tokens: float
     health_p99: float
     ping_p99: float
@@ -261,8 +246,6 @@ def summarize(runs: list[Run]) -> Row:
                percentile(pooled("ttft"), 50), percentile(pooled("ttft"), 95),
                percentile(pooled("itl"), 50), percentile(pooled("itl"), 95),
                statistics.median(finite) if finite else float("nan"),
-               statistics.median(r.cpu_seconds * 1000 / r.tokens if r.tokens else float("nan")
-                                 for r in runs),
                statistics.median(r.tokens / r.clients for r in runs),
                percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
                sum(len(r.errors) for r in runs), rates)
@@ -274,19 +257,14 @@ def ms(seconds: float) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     lines = ["| contestant | K | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
-             "tokens/s (all K) | CPU ms/token | tokens/reply | /health p99 ms | ping p99 ms | "
-             "errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens/s (all K) | tokens/reply | /health p99 ms | ping p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.clients, r.contestant)):
         lines.append(f"| {r.contestant} | {r.clients} | {ms(r.ttft_p50)} | {ms(r.ttft_p95)} | "
                      f"{ms(r.itl_p50)} | {ms(r.itl_p95)} | {r.tokens_per_second:.1f} | "
-                     f"{_one_decimal(r.cpu_ms_per_token)} | {r.per_client_tokens:.0f} | {ms(r.health_p99)} | {ms(r.ping_p99)} | "
+                     f"{r.per_client_tokens:.0f} | {ms(r.health_p99)} | {ms(r.ping_p99)} | "
                      f"{r.errors} |")
     return "\n".join(lines)
-
-
-def _one_decimal(value: float) -> str:
-    return "–" if value != value else f"{value:.1f}"
 
 
 def goals(rows: list[Row], largest: int) -> list[str]:
@@ -383,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = Prompts()
     servers = []
     try:
-        tanglebox_pids = []  # a --url server is not ours to measure
         if args.url:
             url = args.url.rstrip("/")
             ws_url = "ws" + url[4:]
@@ -391,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
             tanglebox = start_tanglebox(model_path, max(ks), CONTEXT_LENGTH, folder,
                                         args.max_tokens)
             servers.append(tanglebox)
-            tanglebox_pids = [tanglebox.pid()]
             url, ws_url = tanglebox.url, tanglebox.ws_url
         llama_servers = {}
         if args.llama_server:
@@ -431,16 +407,14 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: SURFACES[surface](url, ws_url, args.max_tokens),
                         prompts.take(k), model.count_tokens,
                         [bench_clients.health_probe(url, args.probe_interval),
-                         bench_clients.ping_probe(ws_url, args.probe_interval)],
-                        tanglebox_pids))
+                         bench_clients.ping_probe(ws_url, args.probe_interval)]))
                 if k in llama_servers:
                     server = llama_servers[k]
                     contestants.append(lambda k=k, server=server: run_clients(
                         "llama-server", lambda: bench_clients.LlamaServerClient(
                             server.url, args.max_tokens, render),
                         prompts.take(k), model.count_tokens,
-                        [bench_clients.health_probe(server.url, args.probe_interval)],
-                        [server.pid()]))
+                        [bench_clients.health_probe(server.url, args.probe_interval)]))
                 for contestant in in_round_order(contestants, round_):
                     record(contestant())
         other_load = meter.fraction()

@@ -7,8 +7,8 @@ from tanglebox.bench.__main__ import Row, against_llama_server, in_round_order
 
 def row(contestant: str, rates: list[float]) -> Row:
     ordered = sorted(rates)
-    return Row(contestant, 8, len(rates), 0.9, 1.3, 0.08, 0.09, ordered[len(ordered) // 2], 21.0,
-               128, 0.01, 0.01, 0, rates)
+    return Row(contestant, 8, len(rates), 0.9, 1.3, 0.08, 0.09, ordered[len(ordered) // 2], 128,
+               0.01, 0.01, 0, rates)
 
 
 def test_every_other_round_runs_the_contestants_in_reverse():
