@@ -33,10 +33,15 @@ class ReplyText:
         return self._release(held[:len(held) - keep])
 
     def finish(self) -> str:
-        """The reply ended without a stop string: release what is held."""
+        """The reply ended without a stop string: release what is held.
+
+        The first bytes of a character the reply was cut off in (at the token limit, in the
+        middle of an emoji) are no character at all: they are dropped, not shown as U+FFFD.
+        """
         if self.stopped:
             return ""
-        rest, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        self._decoder.reset()
+        rest, self._held = self._held, ""
         return self._release(rest)
 
     def _partial_stop_length(self, text: str) -> int:

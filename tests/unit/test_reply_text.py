@@ -14,6 +14,18 @@ def test_a_character_split_across_tokens_is_released_whole():
     assert reply.text == "1 €"
 
 
+def test_a_reply_cut_off_inside_a_character_ends_before_it():
+    reply = ReplyText()
+    wink = "😉".encode()  # four bytes; the token limit came after two
+    assert feed_all(reply, [b"ok ", wink[:2]]) == ["ok ", "", ""]
+    assert reply.text == "ok "
+
+
+def test_invalid_bytes_inside_the_reply_still_show_as_replacement_characters():
+    reply = ReplyText()
+    assert feed_all(reply, [b"a\x80b"]) == ["a\ufffdb", ""]
+
+
 def test_a_stop_string_split_over_tokens_never_shows():
     reply = ReplyText(("###",))
     deltas = feed_all(reply, [b"Paris", b"#", b"#", b"#", b"Human"])
