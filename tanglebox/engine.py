@@ -169,7 +169,7 @@ class Engine:
         self._stopped = handoff.Wakeup()
         self._started = False
         # While a step hands out tokens: the generations to wake when it is done, in order
-        # (a dict, so each is woken once: the last wake after a final event closes its watcher).
+        # (a dict, so each is woken once however many events it got).
         self._unwoken: dict[Generation, None] | None = None
 
     # -- the adapters' side -------------------------------------------------------------
