@@ -61,6 +61,8 @@ def test_loads_on_the_gpu_and_answers(tmp_path, quantization):
     backend = load(tmp_path, quantization=quantization)
     assert backend.device == "cuda"
     assert {p.device.type for p in backend.model.parameters()} == {"cuda"}
+    # cuDNN's attention plans itself at every decode step: 3x slower steps (docs/benchmarks.md)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
     if quantization != "none":
         import bitsandbytes as bnb
         kind = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
