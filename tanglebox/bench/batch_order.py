@@ -16,6 +16,7 @@ import argparse
 import platform
 import statistics
 
+from tanglebox.bench.__main__ import in_round_order
 from tanglebox.bench.direct import DirectModel
 from tanglebox.model_location import embedded_model_path
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         # orders differ in nothing else
         prompts = [model.tokenize(f"Story {round_}.{i}: write a long story.")
                    for i in range(args.streams)]
-        for order in ORDERS if round_ % 2 == 0 else ORDERS[::-1]:
+        for order in in_round_order(ORDERS, round_):
             streams = model.generate(prompts, args.tokens, order=order)
             seconds = max(s.token_times[-1] for s in streams if s.token_times) - streams[0].started
             rates[order].append(sum(len(s.token_times) for s in streams) / seconds)
