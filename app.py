@@ -1,8 +1,10 @@
 """Run Tanglebox: ``python app.py [--settings PATH] [--port N] [--model-path PATH] [--device D]
 [--cpu-ggml] [--host H]``.
 
-Checks the settings and the model first (a mistake is one line on stderr and exit status 2),
-then serves with gunicorn's gevent worker, the same stack as production (README: Deployment).
+Checks the settings and the model first, then lets the model generate a few tokens in a child
+process (``tanglebox.self_check``: a native crash is caught there); a mistake is one line on
+stderr and exit status 2. Then it serves with gunicorn's gevent worker, the same stack as
+production (README: Deployment).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tanglebox.self_check import run_self_check
 from tanglebox.serving import TangleboxServer, WORKER_BOOT_ERROR, preflight
 from tanglebox.settings import SettingsError, load_settings
 
@@ -41,14 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.settings, overrides_from(args))
         location = preflight(settings)
+        if settings.created:
+            print(f"tanglebox: wrote {args.settings} with the default settings", file=sys.stderr)
+        elif settings.filled_in:
+            print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
+                  f"{', '.join(settings.filled_in)}", file=sys.stderr)
+        if location.backend == "llama.cpp":
+            print(f"tanglebox: {run_self_check(args.settings, overrides_from(args))}",
+                  file=sys.stderr, flush=True)
     except SettingsError as err:
         print(f"tanglebox: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    if settings.created:
-        print(f"tanglebox: wrote {args.settings} with the default settings", file=sys.stderr)
-    elif settings.filled_in:
-        print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
-              f"{', '.join(settings.filled_in)}", file=sys.stderr)
     scheme = "https" if settings["useSsl"] else "http"
     host = "localhost" if settings["host"] in ("0.0.0.0", "::", "127.0.0.1") else settings["host"]
     print(f"tanglebox: serving {location.path.name} ({location.backend}) at "
