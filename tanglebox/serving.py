@@ -24,6 +24,7 @@ from tanglebox.model_location import ModelLocation, locate_model
 from tanglebox.prompting import template_names
 from tanglebox.runtime import Runtime
 from tanglebox.settings import Settings, SettingsError, load_settings
+from tanglebox.worker_crashes import WorkerCrashes
 
 log = logging.getLogger("tanglebox")
 
@@ -88,6 +89,7 @@ class TangleboxServer(BaseApplication):
     def __init__(self, settings: Settings, location: ModelLocation) -> None:
         self.settings = settings
         self.location = location
+        self.crashes = WorkerCrashes()
         super().__init__()
 
     def load_config(self) -> None:
@@ -103,8 +105,10 @@ class TangleboxServer(BaseApplication):
             "loglevel": "warning",
             "accesslog": "-" if s["enableWebLogOutput"] else None,
             "access_log_format": ACCESS_LOG_FORMAT,
+            "post_fork": self.crashes.post_fork,
             "post_worker_init": _drain_on_sigterm,
-            "worker_exit": _stop_engine,
+            "worker_exit": self._worker_exit,
+            "child_exit": self.crashes.child_exit,
         }
         if s["useSsl"]:
             config["certfile"] = str(s.relative_path(s["sslCertFile"]))
@@ -127,6 +131,10 @@ class TangleboxServer(BaseApplication):
                             "worker per model (README: Deployment)", key)
                 continue
             self.cfg.set(key.lower(), value)
+
+    def _worker_exit(self, server, worker) -> None:
+        self.crashes.worker_exit(server, worker)
+        stop_engine(server, worker)
 
     def load(self):
         from tanglebox.web import create_app
@@ -171,7 +179,7 @@ def _drain_on_sigterm(worker) -> None:
     install_graceful_shutdown(worker, worker.wsgi.extensions["tanglebox"])
 
 
-def _stop_engine(server, worker) -> None:
+def stop_engine(server, worker) -> None:
     """gunicorn's worker_exit hook: connections are done; end the engine's thread."""
     app = getattr(worker, "wsgi", None)
     runtime = app.extensions.get("tanglebox") if app is not None else None
@@ -187,9 +195,17 @@ def production_app():
     """
     from gunicorn.workers.base import Worker
 
+    from tanglebox.self_check import run_self_check
     from tanglebox.web import create_app
-    settings = load_settings(os.environ.get("TANGLEBOX_SETTINGS", "settings.json"))
-    location = preflight(settings)
+    settings_path = os.environ.get("TANGLEBOX_SETTINGS", "settings.json")
+    try:
+        settings = load_settings(settings_path)
+        location = preflight(settings)
+        if location.backend == "llama.cpp":
+            print(f"tanglebox: {run_self_check(settings_path, {})}", file=sys.stderr, flush=True)
+    except SettingsError as err:
+        print(f"tanglebox: error: {err}", file=sys.stderr, flush=True)
+        os._exit(WORKER_BOOT_ERROR)  # the master halts instead of restarting the worker
     configure_logging(settings)
     app = create_app(settings)
     runtime = app.extensions["tanglebox"]

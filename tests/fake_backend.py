@@ -8,6 +8,7 @@ the engine's decode/forget interface, so slots, batching, caching and cancel are
 
 from __future__ import annotations
 
+import ctypes
 import re
 import time
 
@@ -39,13 +40,15 @@ class FakeBackend:
 
     def __init__(self, max_sequences: int = 2, context_length: int = 4096,
                  batch_tokens: int = 64, step_delay: float = 0.0,
-                 model_name: str = "fake-model", replies: dict[str, str] | None = None) -> None:
+                 model_name: str = "fake-model", replies: dict[str, str] | None = None,
+                 crash_on_decode: bool = False) -> None:
         self.model_name = model_name
         self.replies = replies or {}  # canned replies by user text, before fake_reply's rules
         self.max_sequences = max_sequences
         self.context_length = context_length
         self.batch_tokens = batch_tokens
         self.step_delay = step_delay  # seconds per decode call, so tests can act mid-reply
+        self.crash_on_decode = crash_on_decode  # a real native crash, as a broken build makes
         self.chat_format = ModelChatFormat(CHAT_TEMPLATE, "", "<|end|>")
         self.sequences: list[list[int]] = [[] for _ in range(max_sequences)]
         self.decode_calls: list[list[DecodeItem]] = []
@@ -65,6 +68,8 @@ class FakeBackend:
 
     def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
         self.decode_calls.append(items)
+        if self.crash_on_decode:
+            ctypes.string_at(0)  # reads address 0: SIGSEGV, no Python exception
         if self.step_delay:
             time.sleep(self.step_delay)
         results: list[np.ndarray | None] = []

@@ -27,8 +27,8 @@ def check_device(settings: Settings, location: ModelLocation) -> None:
             if not gpu_offload_supported():
                 raise SettingsError(f"{where}: \"device\" is {device}, but this llama-cpp-python "
                                     "was built without GPU support; reinstall it with "
-                                    "CMAKE_ARGS=\"-DGGML_CUDA=on\" (README: Bigger models), or "
-                                    "set \"device\" to cpu")
+                                    "CMAKE_ARGS=\"-DGGML_CUDA=on\" (README: llama.cpp on an "
+                                    "NVIDIA GPU), or set \"device\" to cpu")
 
 
 def load_backend(settings: Settings, location: ModelLocation) -> Backend:
