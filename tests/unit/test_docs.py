@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 from tanglebox.settings import SETTINGS
 from tests.conftest import ROOT
@@ -28,11 +29,22 @@ def test_every_setting_is_in_the_readme_table_with_its_default():
         assert json.loads(rows[setting.key]) == setting.default, setting.key
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    commands = re.findall(r"```bash\n(.+?)\n```", README)
-    test_command = next(c for c in commands if "pytest" in c)
-    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci_lines[-1] == test_command
+def two_commands() -> list[str]:
+    section = README.split("## Two commands\n")[1].split("\n## ")[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)[:2]
+
+
+def test_ci_runs_exactly_the_readme_run_and_test_commands():
+    run_command, test_command = two_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    extraction = next(line for line in ci.splitlines() if line.startswith("mapfile -t COMMANDS"))
+    script = extraction + '\nprintf "%s\\n" "${COMMANDS[@]}"'
+    printed = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    assert printed[:2] == [run_command, test_command]
+    assert 'setsid bash -c "$RUN_COMMAND"' in ci
+    assert ci.strip().splitlines()[-1] == 'bash -c "$TEST_COMMAND"'
+    assert 'python3 -m venv "$WORK/venv"' in ci and '. "$WORK/venv/bin/activate"' in ci
 
 
 def test_the_readme_run_command_installs_then_starts_app_py():
