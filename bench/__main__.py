@@ -1,8 +1,8 @@
 """Serving benchmark: K concurrent streaming clients on every surface, against the yardsticks.
 
 ``python -m bench [--clients 1,4,8] [--rounds 3] [--max-tokens 128]
-[--surfaces original,rest,ui] [--url URL] [--llama-server PATH] [--no-direct] [--json FILE]``,
-from the repository root (``pip install -r requirements-dev.txt`` first)
+[--surfaces original,rest,ui] [--url URL] [--llama-server PATH [--same-libs]] [--no-direct]
+[--json FILE]``, from the repository root (``pip install -r requirements-dev.txt`` first)
 
 In one invocation, for each K and each round (interleaved, so drift on a shared machine hits
 every contestant alike; every other round runs them in reverse order, so a slow trend favours
@@ -14,7 +14,10 @@ none):
   prompt at the same moment and stream the reply; meanwhile ``/health`` and a ``#-ping-#`` on
   another, idle, original socket are probed (every ``--probe-interval`` seconds);
 - **llama-server** (``--llama-server PATH``): llama.cpp's C++ server with the same model, ``-np K``
-  and the same threads, on ``/completion`` with the same rendered prompt, streamed.
+  and the same threads, on ``/completion`` with the same rendered prompt, streamed. Built from
+  llama-cpp-python's vendored llama.cpp with the same portable flags (docs/benchmarks.md), or
+  run with ``--same-libs`` on llama-cpp-python's libllama/libggml, it runs the same kernels as
+  Tanglebox; the report says which libraries it loaded.
 
 Every request is unique (a numbered prompt), so no contestant answers from a cached prompt.
 Temperature 0. Tokens are counted with the model's own tokenizer on the text each client got.
@@ -47,7 +50,7 @@ from bench import clients as bench_clients
 from bench.direct import DirectModel, cpu_threads
 from bench.report import Run, goals, markdown_table, ms, percentile, summarize
 from bench.rounds import in_round_order
-from bench.servers import start_llama_server, start_tanglebox
+from bench.servers import llama_server_libraries, start_llama_server, start_tanglebox
 
 TOPICS = ("a dragon who learns to bake bread", "a lighthouse keeper and a storm",
           "a robot that wants to paint", "a city under the sea", "a forest that sings",
@@ -210,6 +213,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
                         help="llama.cpp's llama-server binary, to run with the same model")
+    parser.add_argument("--same-libs", action="store_true",
+                        help="start llama-server with LD_LIBRARY_PATH at llama-cpp-python's "
+                             "llama_cpp/lib: the very libllama/libggml Tanglebox calls")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the llama-cpp-python direct runs")
     parser.add_argument("--probe-interval", type=float, default=0.2, metavar="SECONDS",
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = Prompts()
     servers = []
+    libraries = ""
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -254,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.llama_server:
             for k in ks:
                 llama_servers[k] = start_llama_server(args.llama_server, model_path, k,
-                                                      CONTEXT_LENGTH, model.threads, folder)
+                                                      CONTEXT_LENGTH, model.threads, folder,
+                                                      args.same_libs)
                 servers.append(llama_servers[k])
+            libraries = llama_server_libraries(llama_servers[ks[0]])
+            print(libraries, file=sys.stderr, flush=True)
         runs: dict[tuple[str, int], list[Run]] = {}
 
         def record(run: Run) -> None:
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes on this machine used {100 * other_load:.0f} % of its CPU time "
           "during the measured rounds" + (" (the --url server counts as other)" if args.url
                                           else ""))
+    if libraries:
+        print(libraries)
     print()
     print(markdown_table(rows))
     print()
