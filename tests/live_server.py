@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from tanglebox.bench.servers import free_port, stop_process_group
+from bench.servers import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tanglebox.bench.clients import REPLY_WITH_TEXT, _reply_content
+from bench.clients import REPLY_WITH_TEXT, _reply_content
 from tanglebox.web.ui_conversation import Turn
 from tanglebox.web.ui_fragments import new_turn_fragment, reply_fragment
 

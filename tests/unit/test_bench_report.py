@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tanglebox.bench.__main__ import Row, against_llama_server, in_round_order
+from bench.report import Row, against_llama_server
+from bench.rounds import in_round_order
 
 
 def row(contestant: str, rates: list[float]) -> Row:

@@ -1,6 +1,6 @@
 """K streams through the engine, in process, vs the direct batched loop, in one run.
 
-``python -m tanglebox.bench.engine_batched [--streams 8] [--tokens 128] [--rounds 3] [--greenlets]``
+``python -m bench.engine_batched [--streams 8] [--tokens 128] [--rounds 3] [--greenlets]``
 
 Separates the engine's cost from the serving path's: no sockets, no HTTP, no client processes.
 Each round runs, back to back on the same K prompts at temperature 0:
@@ -30,7 +30,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from tanglebox.backends.llama_cpp_backend import LlamaCppBackend  # noqa: E402
-from tanglebox.bench.direct import DirectModel  # noqa: E402
+from bench.direct import DirectModel  # noqa: E402
 from tanglebox.chat_request import ChatRequest  # noqa: E402
 from tanglebox.engine import Done, Engine  # noqa: E402
 from tanglebox.model_location import embedded_model_path  # noqa: E402

@@ -1,7 +1,8 @@
 """Serving benchmark: K concurrent streaming clients on every surface, against the yardsticks.
 
-``python -m tanglebox.bench [--clients 1,4,8] [--rounds 3] [--max-tokens 128]
-[--surfaces original,rest,ui] [--url URL] [--llama-server PATH] [--no-direct] [--json FILE]``
+``python -m bench [--clients 1,4,8] [--rounds 3] [--max-tokens 128]
+[--surfaces original,rest,ui] [--url URL] [--llama-server PATH [--same-libs]] [--no-direct]
+[--json FILE]``, from the repository root (``pip install -r requirements-dev.txt`` first)
 
 In one invocation, for each K and each round (interleaved, so drift on a shared machine hits
 every contestant alike; every other round runs them in reverse order, so a slow trend favours
@@ -13,20 +14,23 @@ none):
   prompt at the same moment and stream the reply; meanwhile ``/health`` and a ``#-ping-#`` on
   another, idle, original socket are probed (every ``--probe-interval`` seconds);
 - **llama-server** (``--llama-server PATH``): llama.cpp's C++ server with the same model, ``-np K``
-  and the same threads, on ``/completion`` with the same rendered prompt, streamed.
+  and the same threads, on ``/completion`` with the same rendered prompt, streamed. Built from
+  llama-cpp-python's vendored llama.cpp with the same portable flags (docs/benchmarks.md), or
+  run with ``--same-libs`` on llama-cpp-python's libllama/libggml, it runs the same kernels as
+  Tanglebox; the report says which libraries it loaded.
 
 Every request is unique (a numbered prompt), so no contestant answers from a cached prompt.
 Temperature 0. Tokens are counted with the model's own tokenizer on the text each client got.
 Tanglebox is started with ``parallelSlots`` = the largest K unless ``--url`` names a running
 server (then the server's own settings apply; it must allow ``--max-tokens``).
 
-Reported per contestant and K: time to first token p50/p95 (from the prompt being sent to the
-first chunk), inter-token latency p50/p95 (per reply: first to last chunk over its tokens - 1),
-aggregate tokens/s (all tokens / wall time from the first send to the last token), and the p99
-of the ``/health`` and ping probes while the K streams run (each probe every
-``--probe-interval`` seconds, so they measure the web side without loading it much). Against
-llama-server, the goal line gives the median of the per-round ratios (both measured in the
-same round).
+Reported (``bench/report.py``) per contestant and K: time to first token p50/p95 (from the
+prompt being sent to the first chunk), inter-token latency p50/p95 (per reply: first to last
+chunk over its tokens - 1), aggregate tokens/s (all tokens / wall time from the first send to
+the last token), and the p99 of the ``/health`` and ping probes while the K streams run (each
+probe every ``--probe-interval`` seconds, so they measure the web side without loading it
+much). Against llama-server, the goal line gives the median of the per-round ratios (both
+measured in the same round).
 """
 
 from __future__ import annotations
@@ -35,37 +39,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from tanglebox.bench import clients as bench_clients
-from tanglebox.bench.direct import DirectModel, cpu_threads
-from tanglebox.bench.servers import start_llama_server, start_tanglebox
+from bench import clients as bench_clients
+from bench.direct import DirectModel, cpu_threads
+from bench.report import Run, goals, markdown_table, ms, percentile, summarize
+from bench.rounds import in_round_order
+from bench.servers import llama_server_libraries, start_llama_server, start_tanglebox
 
 TOPICS = ("a dragon who learns to bake bread", "a lighthouse keeper and a storm",
           "a robot that wants to paint", "a city under the sea", "a forest that sings",
           "a clockmaker's last clock", "a ship lost in the fog", "a library on the moon")
 CONTEXT_LENGTH = 1024
-
-
-@dataclass
-class Run:
-    """One contestant, one K, one round."""
-
-    contestant: str
-    clients: int
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    tokens: int = 0
-    seconds: float = 0.0
-    health: list[float] = field(default_factory=list)
-    ping: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 class Prompts:
@@ -80,16 +70,6 @@ class Prompts:
             start, self._count = self._count, self._count + k
         return [f"Story {start + i}: write a long story about {TOPICS[(start + i) % len(TOPICS)]}."
                 for i in range(k)]
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 # -- contestants -------------------------------------------------------------------------------
@@ -218,106 +198,10 @@ def _with_descendants(pids: list[int]) -> set[int]:
     return found
 
 
-# -- the report --------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    contestant: str
-    clients: int
-    rounds: int
-    ttft_p50: float
-    ttft_p95: float
-    itl_p50: float
-    itl_p95: float
-    tokens_per_second: float  # median over rounds
-    per_client_tokens: float
-    health_p99: float
-    ping_p99: float
-    errors: int
-    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round, in order
-
-
-def summarize(runs: list[Run]) -> Row:
-    pooled = lambda name: [v for r in runs for v in getattr(r, name)]  # noqa: E731
-    rates = [r.tokens / r.seconds if r.seconds and r.seconds == r.seconds else float("nan")
-             for r in runs]  # one per round, NaN where no token came
-    finite = [rate for rate in rates if rate == rate]
-    return Row(runs[0].contestant, runs[0].clients, len(runs),
-               percentile(pooled("ttft"), 50), percentile(pooled("ttft"), 95),
-               percentile(pooled("itl"), 50), percentile(pooled("itl"), 95),
-               statistics.median(finite) if finite else float("nan"),
-               statistics.median(r.tokens / r.clients for r in runs),
-               percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
-               sum(len(r.errors) for r in runs), rates)
-
-
-def ms(seconds: float) -> str:
-    return "–" if seconds != seconds else f"{seconds * 1000:.0f}"
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| contestant | K | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
-             "tokens/s (all K) | tokens/reply | /health p99 ms | ping p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.clients, r.contestant)):
-        lines.append(f"| {r.contestant} | {r.clients} | {ms(r.ttft_p50)} | {ms(r.ttft_p95)} | "
-                     f"{ms(r.itl_p50)} | {ms(r.itl_p95)} | {r.tokens_per_second:.1f} | "
-                     f"{r.per_client_tokens:.0f} | {ms(r.health_p99)} | {ms(r.ping_p99)} | "
-                     f"{r.errors} |")
-    return "\n".join(lines)
-
-
-def goals(rows: list[Row], largest: int) -> list[str]:
-    """The issue's goals, each with the measured ratio."""
-    by = {(r.contestant, r.clients): r for r in rows}
-    lines = []
-    surfaces = sorted({r.contestant for r in rows if r.contestant.startswith("Tanglebox")})
-    for surface in surfaces:
-        one, direct_one = by.get((surface, 1)), by.get(("llama-cpp-python direct", 1))
-        if one and direct_one:
-            ratio = one.tokens_per_second / direct_one.tokens_per_second
-            lines.append(f"{surface}, 1 client: {ratio:.2f} of direct (goal ≥ 0.90): "
-                         f"{'met' if ratio >= 0.90 else 'missed'}")
-        many, direct_many = by.get((surface, largest)), by.get(("llama-cpp-python direct",
-                                                                   largest))
-        if many and direct_many:
-            ratio = many.tokens_per_second / direct_many.tokens_per_second
-            lines.append(f"{surface}, {largest} clients: {ratio:.2f} of direct batched "
-                         f"(goal ≥ 0.85): {'met' if ratio >= 0.85 else 'missed'}")
-        server = by.get(("llama-server", largest))
-        if many and server:
-            lines.append(f"{surface}, {largest} clients: {against_llama_server(many, server)}")
-            lines.append(f"{surface}, {largest} clients: TTFT p50 {ms(many.ttft_p50)} ms vs "
-                         f"llama-server {ms(server.ttft_p50)} ms (goal: below): "
-                         f"{'met' if many.ttft_p50 < server.ttft_p50 else 'missed'}")
-    return lines
-
-
-def against_llama_server(ours: Row, server: Row) -> str:
-    """The goal "above llama-server's aggregate", judged on the ratio of the two rates in each
-    round (measured minutes apart at most, so the machine's drift cancels), median over rounds."""
-    ratios = [a / b for a, b in zip(ours.round_rates, server.round_rates)
-              if a == a and b == b and b > 0]  # rounds where both streamed
-    if not ratios:
-        return "no round where both streamed (goal: above llama-server): missed"
-    ratio = statistics.median(ratios)
-    return (f"{ratio:.2f} of llama-server's tokens/s, median of {len(ratios)} rounds "
-            f"({min(ratios):.2f}–{max(ratios):.2f}; {ours.tokens_per_second:.1f} vs "
-            f"{server.tokens_per_second:.1f}) (goal: above): "
-            f"{'met' if ratio > 1 else 'missed'}; above it in "
-            f"{sum(r > 1 for r in ratios)} of {len(ratios)} rounds")
-
-
-def in_round_order(contestants: list, round_: int) -> list:
-    """Even rounds in the given order, odd rounds reversed: a machine that slowly speeds up or
-    slows down favours no contestant over the whole benchmark."""
-    return list(contestants) if round_ % 2 == 0 else list(reversed(contestants))
-
-
 # -- main --------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tanglebox.bench",
+    parser = argparse.ArgumentParser(prog="python -m bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,4,8",
                         help="comma-separated numbers of concurrent clients (default 1,4,8)")
@@ -329,6 +213,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
                         help="llama.cpp's llama-server binary, to run with the same model")
+    parser.add_argument("--same-libs", action="store_true",
+                        help="start llama-server with LD_LIBRARY_PATH at llama-cpp-python's "
+                             "llama_cpp/lib: the very libllama/libggml Tanglebox calls")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the llama-cpp-python direct runs")
     parser.add_argument("--probe-interval", type=float, default=0.2, metavar="SECONDS",
@@ -360,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = Prompts()
     servers = []
+    libraries = ""
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -373,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.llama_server:
             for k in ks:
                 llama_servers[k] = start_llama_server(args.llama_server, model_path, k,
-                                                      CONTEXT_LENGTH, model.threads, folder)
+                                                      CONTEXT_LENGTH, model.threads, folder,
+                                                      args.same_libs)
                 servers.append(llama_servers[k])
+            libraries = llama_server_libraries(llama_servers[ks[0]])
+            print(libraries, file=sys.stderr, flush=True)
         runs: dict[tuple[str, int], list[Run]] = {}
 
         def record(run: Run) -> None:
@@ -428,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes on this machine used {100 * other_load:.0f} % of its CPU time "
           "during the measured rounds" + (" (the --url server counts as other)" if args.url
                                           else ""))
+    if libraries:
+        print(libraries)
     print()
     print(markdown_table(rows))
     print()

@@ -1,6 +1,6 @@
 """Memory and speed of the transformers backend for each kind of weights, on one device.
 
-``python -m tanglebox.bench.quantization [--device cpu|cuda] [--tokens 48] [--rounds 3]
+``python -m bench.quantization [--device cpu|cuda] [--tokens 48] [--rounds 3]
 [--models smollm2,random] [--threads N]``
 
 Modes: on cpu ``fp32`` and ``int8`` (torch dynamic int8 of the Linear layers, what
@@ -81,7 +81,7 @@ def run(device: str, tokens: int, rounds: int, model_names: list[str], threads: 
                     result = run_child(spec)
                     print(f"round {round_index + 1}: {label} {mode}: {result}", file=sys.stderr)
                     results.setdefault((label, mode), []).append(result)
-    command = (f"python -m tanglebox.bench.quantization --device {device} --tokens {tokens} "
+    command = (f"python -m bench.quantization --device {device} --tokens {tokens} "
                f"--rounds {rounds} --models {','.join(model_names)}"
                + (f" --threads {threads}" if threads else ""))
     report(results, device, command, rounds, started_load, os.getloadavg()[0], threads)
@@ -89,8 +89,8 @@ def run(device: str, tokens: int, rounds: int, model_names: list[str], threads: 
 
 def run_child(spec: dict) -> dict:
     completed = subprocess.run(
-        [sys.executable, "-m", "tanglebox.bench.quantization", "--child", json.dumps(spec)],
-        capture_output=True, text=True, check=False)
+        [sys.executable, "-m", "bench.quantization", "--child", json.dumps(spec)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         return {"error": (completed.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(completed.stdout.strip().splitlines()[-1])

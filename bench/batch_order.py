@@ -1,6 +1,6 @@
 """What the order of sequences in a batch costs llama.cpp, in one run.
 
-``python -m tanglebox.bench.batch_order [--streams 8] [--tokens 128] [--rounds 3]``
+``python -m bench.batch_order [--streams 8] [--tokens 128] [--rounds 3]``
 
 With a KV stream per sequence (``kv_unified = false``, as the llama.cpp backend and llama-server
 use), llama.cpp splits a batch into one pass over the model per run of consecutive sequence ids
@@ -16,8 +16,8 @@ import argparse
 import platform
 import statistics
 
-from tanglebox.bench.__main__ import in_round_order
-from tanglebox.bench.direct import DirectModel
+from bench.rounds import in_round_order
+from bench.direct import DirectModel
 from tanglebox.model_location import embedded_model_path
 
 ORDERS = ("ids", "rotated", "reversed")

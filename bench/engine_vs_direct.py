@@ -1,6 +1,6 @@
 """Single-stream speed through the engine vs llama-cpp-python called directly, in one run.
 
-``python -m tanglebox.bench.engine_vs_direct [--tokens 128] [--rounds 5]``
+``python -m bench.engine_vs_direct [--tokens 128] [--rounds 5]``
 
 Each round runs the three contestants back to back on the same prompt at temperature 0
 (greedy, so each generates the same tokens), and the medians are compared: absolute speeds on a

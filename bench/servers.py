@@ -2,6 +2,11 @@
 
 Both listen on a free loopback port, log to a file in the benchmark's scratch folder, and are
 ready when ``/health`` answers 200 (polled with a deadline). ``stop`` sends SIGTERM and waits.
+
+llama-server must run the same kernels as Tanglebox: built from the llama.cpp that
+llama-cpp-python vendors, with the same portable flags (docs/benchmarks.md), or started with
+``same_libs``: ``LD_LIBRARY_PATH`` at llama-cpp-python's ``llama_cpp/lib``, so it loads the very
+libllama/libggml files Tanglebox calls. ``llama_server_libraries`` reads which files it mapped.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0
 
 
@@ -91,10 +96,53 @@ def start_tanglebox(model: Path, slots: int, context_length: int, folder: Path,
 
 
 def start_llama_server(binary: Path, model: Path, slots: int, context_length: int,
-                       threads: int, folder: Path) -> ServerProcess:
-    """llama.cpp's own server with the same model, ``-np`` slots and threads as Tanglebox."""
+                       threads: int, folder: Path, same_libs: bool = False) -> ServerProcess:
+    """llama.cpp's own server with the same model, ``-np`` slots and threads as Tanglebox;
+    with ``same_libs``, on llama-cpp-python's libllama/libggml instead of its own."""
     port = free_port()
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(context_length * slots), "-t", str(threads),
                "-tb", str(threads), "--no-webui"]
-    return ServerProcess("llama-server", command, port, folder / f"llama-server-np{slots}.log")
+    env = None
+    if same_libs:
+        # LD_LIBRARY_PATH comes before the RUNPATH a CMake build writes into the binary
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+            [str(llama_cpp_lib_dir())] + [p for p in os.environ.get("LD_LIBRARY_PATH", "")
+                                          .split(os.pathsep) if p])}
+    return ServerProcess("llama-server", command, port, folder / f"llama-server-np{slots}.log",
+                         env)
+
+
+def llama_cpp_lib_dir() -> Path:
+    """The folder of the libllama/libggml files llama-cpp-python loads (so Tanglebox calls)."""
+    import llama_cpp
+    return Path(llama_cpp.__file__).resolve().parent / "lib"
+
+
+def mapped_llama_libraries(pid: int) -> set[Path]:
+    """The libllama and libggml files a running process has mapped (``/proc/PID/maps``)."""
+    found = set()
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(
+                        ("libllama.", "libggml")):
+                    found.add(Path(fields[5].strip()).resolve())
+    except OSError:
+        pass
+    return found
+
+
+def llama_server_libraries(server: ServerProcess) -> str:
+    """One line for the report: whether llama-server runs llama-cpp-python's very libraries."""
+    mapped = mapped_llama_libraries(server.pid())
+    ours = llama_cpp_lib_dir().resolve()
+    if not mapped:
+        return ("llama-server maps no libllama/libggml file (linked statically): its kernels are "
+                "those of its own build")
+    if all(path.parent == ours for path in mapped):
+        return f"llama-server runs llama-cpp-python's own libllama/libggml ({ours})"
+    folders = ", ".join(sorted({str(path.parent) for path in mapped}))
+    return (f"llama-server runs libllama/libggml from {folders}, not llama-cpp-python's: the same "
+            "kernels only if built with the same flags (docs/benchmarks.md), else use --same-libs")

@@ -1,0 +1,125 @@
+"""The serving benchmark's report: per-round runs summarized into rows, the table, the verdicts.
+
+Each contestant's ``Run`` (one K, one round) is pooled over the rounds into a ``Row``: latency
+percentiles over all replies, the median of the per-round tokens/s, and the per-round rates
+themselves, so ``against_llama_server`` can judge the ratio within each round (the machine's
+drift cancels) rather than the ratio of two medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Run:
+    """One contestant, one K, one round."""
+
+    contestant: str
+    clients: int
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    health: list[float] = field(default_factory=list)
+    ping: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class Row:
+    contestant: str
+    clients: int
+    rounds: int
+    ttft_p50: float
+    ttft_p95: float
+    itl_p50: float
+    itl_p95: float
+    tokens_per_second: float  # median over rounds
+    per_client_tokens: float
+    health_p99: float
+    ping_p99: float
+    errors: int
+    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round, in order
+
+
+def summarize(runs: list[Run]) -> Row:
+    pooled = lambda name: [v for r in runs for v in getattr(r, name)]  # noqa: E731
+    rates = [r.tokens / r.seconds if r.seconds and r.seconds == r.seconds else float("nan")
+             for r in runs]  # one per round, NaN where no token came
+    finite = [rate for rate in rates if rate == rate]
+    return Row(runs[0].contestant, runs[0].clients, len(runs),
+               percentile(pooled("ttft"), 50), percentile(pooled("ttft"), 95),
+               percentile(pooled("itl"), 50), percentile(pooled("itl"), 95),
+               statistics.median(finite) if finite else float("nan"),
+               statistics.median(r.tokens / r.clients for r in runs),
+               percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
+               sum(len(r.errors) for r in runs), rates)
+
+
+def ms(seconds: float) -> str:
+    return "–" if seconds != seconds else f"{seconds * 1000:.0f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| contestant | K | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
+             "tokens/s (all K) | tokens/reply | /health p99 ms | ping p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.clients, r.contestant)):
+        lines.append(f"| {r.contestant} | {r.clients} | {ms(r.ttft_p50)} | {ms(r.ttft_p95)} | "
+                     f"{ms(r.itl_p50)} | {ms(r.itl_p95)} | {r.tokens_per_second:.1f} | "
+                     f"{r.per_client_tokens:.0f} | {ms(r.health_p99)} | {ms(r.ping_p99)} | "
+                     f"{r.errors} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[Row], largest: int) -> list[str]:
+    """The issue's goals, each with the measured ratio."""
+    by = {(r.contestant, r.clients): r for r in rows}
+    lines = []
+    surfaces = sorted({r.contestant for r in rows if r.contestant.startswith("Tanglebox")})
+    for surface in surfaces:
+        one, direct_one = by.get((surface, 1)), by.get(("llama-cpp-python direct", 1))
+        if one and direct_one:
+            ratio = one.tokens_per_second / direct_one.tokens_per_second
+            lines.append(f"{surface}, 1 client: {ratio:.2f} of direct (goal ≥ 0.90): "
+                         f"{'met' if ratio >= 0.90 else 'missed'}")
+        many, direct_many = by.get((surface, largest)), by.get(("llama-cpp-python direct",
+                                                                   largest))
+        if many and direct_many:
+            ratio = many.tokens_per_second / direct_many.tokens_per_second
+            lines.append(f"{surface}, {largest} clients: {ratio:.2f} of direct batched "
+                         f"(goal ≥ 0.85): {'met' if ratio >= 0.85 else 'missed'}")
+        server = by.get(("llama-server", largest))
+        if many and server:
+            lines.append(f"{surface}, {largest} clients: {against_llama_server(many, server)}")
+            lines.append(f"{surface}, {largest} clients: TTFT p50 {ms(many.ttft_p50)} ms vs "
+                         f"llama-server {ms(server.ttft_p50)} ms (goal: below): "
+                         f"{'met' if many.ttft_p50 < server.ttft_p50 else 'missed'}")
+    return lines
+
+
+def against_llama_server(ours: Row, server: Row) -> str:
+    """The goal "above llama-server's aggregate", judged on the ratio of the two rates in each
+    round (measured minutes apart at most, so the machine's drift cancels), median over rounds."""
+    ratios = [a / b for a, b in zip(ours.round_rates, server.round_rates)
+              if a == a and b == b and b > 0]  # rounds where both streamed
+    if not ratios:
+        return "no round where both streamed (goal: above llama-server): missed"
+    ratio = statistics.median(ratios)
+    return (f"{ratio:.2f} of llama-server's tokens/s, median of {len(ratios)} rounds "
+            f"({min(ratios):.2f}–{max(ratios):.2f}; {ours.tokens_per_second:.1f} vs "
+            f"{server.tokens_per_second:.1f}) (goal: above): "
+            f"{'met' if ratio > 1 else 'missed'}; above it in "
+            f"{sum(r > 1 for r in ratios)} of {len(ratios)} rounds")
