@@ -149,7 +149,7 @@ class LlamaCppBackend:
             raise ValueError(f"a decode of {total} tokens is over the batch size {BATCH_TOKENS}")
         # In slot (sequence id) order: with a KV stream per sequence, llama.cpp makes one pass
         # over the model per run of consecutive ids in the batch, and the engine lists its
-        # streams in admission order (python -m tanglebox.bench.batch_order: reversed 0.76).
+        # streams in admission order (python -m bench.batch_order: reversed 0.76).
         in_order = sorted(range(len(items)), key=lambda i: items[i].slot)
         batch = self._batch
         n = 0
