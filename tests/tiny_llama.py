@@ -38,15 +38,21 @@ def byte_level_tokenizer(bos_first: bool = False):
     return hf
 
 
-def save_tiny_llama(folder: Path) -> Path:
-    """Two layers, 4 attention heads over 2 key/value heads, tied embeddings, 256 positions."""
+def save_tiny_llama(folder: Path, hidden_size: int = 64, intermediate_size: int = 128) -> Path:
+    """Two layers, 4 attention heads over 2 key/value heads, tied embeddings, 256 positions.
+
+    The default widths make every Linear layer one that bitsandbytes can repack for CPUs with
+    AVX512-BF16 (out_features a multiple of 32, in_features of its 64-weight quantization
+    block): a 4-bit load there repacks each weight at its first forward, and narrower rows
+    failed it (tests/unit/test_transformers_bitsandbytes.py).
+    """
     tokenizer = byte_level_tokenizer()
     tokenizer.save_pretrained(folder)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True)
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder

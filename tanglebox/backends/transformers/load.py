@@ -3,7 +3,8 @@
 transformers dequantizes a GGUF file's weights at load, and refuses to combine a GGUF file with
 a ``quantization_config``; for bitsandbytes the dequantized model is therefore written to a
 temporary folder (fp16 safetensors) and loaded from there. A CPU plan for 8-bit weights
-quantizes the loaded Linear layers with torch's dynamic int8. After the load, a warning says
+quantizes the loaded Linear layers with torch's dynamic int8; 4-bit layers that bitsandbytes'
+AVX512-BF16 CPU kernel cannot take keep its generic one. After the load, a warning says
 which parts of the model did not fit on the GPUs, and ``contextLength`` is capped to what the
 model was trained for.
 """
@@ -49,6 +50,8 @@ def load_model(settings: Mapping[str, Any], location: ModelLocation,
         model = _load_weights(location, plan)
     if plan.quantization == "int8":
         quantize_linear_int8(model)
+    if plan.quantization == "4bit":
+        _keep_unpackable_4bit_layers_generic(model)
     # accelerate records the map only when it spreads the model over several devices.
     device_map = getattr(model, "hf_device_map", None)
     if device_map is None and plan.device != "cpu":
@@ -154,6 +157,30 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+# Rows per block in bitsandbytes 0.50's functional._convert_weight_packed_for_cpu.
+_PACKED_ROWS = 32
+
+
+def _keep_unpackable_4bit_layers_generic(model: Any) -> None:
+    """Keep bitsandbytes' generic kernel for 4-bit layers its AVX512-BF16 kernel cannot take.
+
+    On a CPU with AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later) a 4-bit
+    layer that runs on the CPU repacks its weight at its first forward; that needs
+    ``out_features`` a multiple of 32 and ``in_features`` a multiple of the quantization block
+    (64), else the first decode fails (``shape '[32, 0]' is invalid``, ``N must be divisible
+    by block_n``). Text models' hidden and intermediate sizes are multiples of 64 (SmolLM2:
+    576 and 1536), but Qwen2-MoE's shared-expert gate has ``out_features`` 1. 4-bit layers run
+    on the CPU when a cuda plan leaves the whole model in CPU memory (too little "vRamGb"; the
+    load warns); the answer must not crash there.
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(module.weight, "blocksize", None) or 64
+        if module.out_features % _PACKED_ROWS or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 @contextlib.contextmanager
