@@ -119,8 +119,8 @@ def measure(path: str, mode: str, device: str, tokens: int, threads: int) -> dic
     import torch
     if threads:
         torch.set_num_threads(threads)
-    from tanglebox.backends.transformers_backend import (DeviceInfo, TransformersBackend,
-                                                         loading_config)
+    from tanglebox.backends.transformers.backend import TransformersBackend
+    from tanglebox.backends.transformers.plan import DeviceInfo, loading_config
     from tanglebox.model_location import ModelLocation
     from tanglebox.settings import load_settings
     location = ModelLocation(Path(path), "transformers", path.endswith(".gguf"))
@@ -134,8 +134,7 @@ def measure(path: str, mode: str, device: str, tokens: int, threads: int) -> dic
         if not location.gguf:
             # Weights in process memory, as from a GGUF file: memory-mapped safetensors would
             # count as page cache, and an int8 load would leave its fp32 pages there.
-            plan = dataclasses.replace(
-                plan, from_pretrained={**plan.from_pretrained, "disable_mmap": True})
+            plan = dataclasses.replace(plan, extra_arguments={"disable_mmap": True})
         resident_before = _status_bytes("VmRSS")
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

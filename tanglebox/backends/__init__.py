@@ -12,7 +12,7 @@ def check_device(settings: Settings, location: ModelLocation) -> None:
     """Refuse a device this machine does not have, before anything is loaded."""
     device, where = settings["device"], settings.path.name
     if location.backend == "transformers" and device in ("cuda", "mps"):
-        from tanglebox.backends.transformers_backend import device_problem
+        from tanglebox.backends.transformers.plan import device_problem
         problem = device_problem(device)
         if problem:
             raise SettingsError(f"{where}: \"device\" is {device}, but {problem}")
@@ -36,7 +36,7 @@ def load_backend(settings: Settings, location: ModelLocation) -> Backend:
         if location.backend == "llama.cpp":
             from tanglebox.backends.llama_cpp_backend import LlamaCppBackend
             return LlamaCppBackend.load(settings, location)
-        from tanglebox.backends.transformers_backend import TransformersBackend
+        from tanglebox.backends.transformers.backend import TransformersBackend
         return TransformersBackend.load(settings, location)
     except BackendError as err:
         raise SettingsError(str(err)) from None

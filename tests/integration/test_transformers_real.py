@@ -10,8 +10,8 @@ import importlib.util
 import pytest
 
 from tanglebox.backends import load_backend
-from tanglebox.backends.transformers_backend import (DeviceInfo, TransformersBackend,
-                                                     loading_config)
+from tanglebox.backends.transformers.backend import TransformersBackend
+from tanglebox.backends.transformers.plan import DeviceInfo, loading_config
 from tanglebox.chat_request import ChatRequest
 from tanglebox.engine import Done, Engine
 from tanglebox.model_location import locate_model
@@ -84,8 +84,7 @@ def test_a_gguf_file_reaches_bitsandbytes_through_a_staged_folder(tmp_path):
     gpu_box = DeviceInfo(cuda_devices=1, bitsandbytes=True, cpu_available_bytes=2**33)
     plan = loading_config({**settings.values, "device": "cuda"}, gpu_box, gguf=location.gguf)
     assert plan.stage_gguf
-    on_cpu = dataclasses.replace(
-        plan, device="cpu", from_pretrained={**plan.from_pretrained, "max_memory": {"cpu": "4GiB"}})
+    on_cpu = dataclasses.replace(plan, device="cpu", max_memory={"cpu": "4GiB"})
     backend = TransformersBackend.load_planned(settings, location, on_cpu)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in backend.model.modules())
     engine = Engine(backend, "auto")

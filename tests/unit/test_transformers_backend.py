@@ -1,10 +1,9 @@
 """The transformers backend on a tiny random Llama (built from a config, saved with a byte-level
-BPE tokenizer), and its loading plan for every device and quantization, without a GPU."""
+BPE tokenizer), and the ``from_pretrained`` arguments of its loading plan, without a GPU.
+The plan's decisions without torch: test_transformers_plan.py; bitsandbytes' quantized
+weights on the CPU: test_transformers_bitsandbytes.py."""
 
 from __future__ import annotations
-
-import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
@@ -12,64 +11,27 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
+from tokenizers import Tokenizer, decoders, models  # noqa: E402
 
 from tanglebox.backends.base import BackendError, DecodeItem  # noqa: E402
-from tanglebox.backends.transformers_backend import (  # noqa: E402
-    DeviceInfo, TokenBytes, TransformersBackend, _one_gguf_parse, device_problem,
-    loading_config, offload_warning, requested_quantization)
+from tanglebox.backends.transformers.backend import TransformersBackend  # noqa: E402
+from tanglebox.backends.transformers.load import _one_gguf_parse  # noqa: E402
+from tanglebox.backends.transformers.plan import (  # noqa: E402
+    DeviceInfo, device_problem, loading_config, offload_warning, requested_quantization)
+from tanglebox.backends.transformers.tokens import TokenBytes  # noqa: E402
 from tanglebox.chat_request import ChatRequest  # noqa: E402
 from tanglebox.engine import Engine  # noqa: E402
 from tanglebox.model_location import ModelLocation  # noqa: E402
 from tanglebox.prompting import USER, Message  # noqa: E402
-from tanglebox.settings import defaults, load_settings  # noqa: E402
-from tests.conftest import write_settings  # noqa: E402
+from tests.loading_plans import CPU_BOX, GIB, GPU_BOX, plan_settings, settings_for  # noqa: E402
 from tests.replies import collect_reply  # noqa: E402
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-GIB = 2**30
-
-
-def byte_level_tokenizer(bos_first: bool = False):
-    """GPT-2 style byte-level BPE: 256 byte characters, a few merges (one is the whole of
-    "é"), ChatML special tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {char: i for i, char in enumerate(alphabet)}
-    merges = [("Ã", "©"), ("l", "l"), ("Ġ", "w"), ("Ġw", "o")]
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>")
-    if bos_first:
-        bos = hf.convert_tokens_to_ids("<|im_start|>")
-        hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
-    hf.chat_template = CHATML
-    return hf
+from tests.tiny_llama import (  # noqa: E402
+    CHATML, byte_level_tokenizer, prefill, prompt_tokens, save_tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = byte_level_tokenizer()
-    tokenizer.save_pretrained(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def settings_for(tmp_path, **values):
-    return load_settings(write_settings(tmp_path, backend="transformers", **values))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture
@@ -78,14 +40,6 @@ def backend(tmp_path, model_folder):
     loaded = TransformersBackend.load(settings, ModelLocation(model_folder, "transformers", False))
     yield loaded
     loaded.close()
-
-
-def prompt_tokens(backend, text: str) -> list[int]:
-    return backend.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
-
-
-def prefill(backend, slot: int, tokens: list[int]) -> np.ndarray:
-    return backend.decode([DecodeItem(slot, tokens, 0)])[0]
 
 
 # -- loading a model folder -------------------------------------------------------------------
@@ -285,44 +239,7 @@ def test_cpu_int8_quantizes_the_linear_layers_and_still_decodes(tmp_path, model_
     assert np.corrcoef(quantized, reference)[0, 1] > 0.95
 
 
-needs_bitsandbytes = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes not installed (pip install bitsandbytes==0.50.2); it runs on the CPU too")
-
-
-@needs_bitsandbytes
-@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_the_cuda_plans_bitsandbytes_weights_load_and_decode(tmp_path, model_folder, quantization):
-    """The plan's BitsAndBytesConfig through from_pretrained, on bitsandbytes' CPU backend:
-    everything of the cuda load but the GPU placement."""
-    import bitsandbytes as bnb
-    plan = loading_config(plan_settings(device="cuda", quantization=quantization), GPU_BOX)
-    on_cpu = dataclasses.replace(
-        plan, device="cpu", from_pretrained={**plan.from_pretrained, "max_memory": {"cpu": "2GiB"}})
-    location = ModelLocation(model_folder, "transformers", False)
-    quantized = TransformersBackend.load_planned(settings_for(tmp_path), location, on_cpu)
-    kind = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
-    assert isinstance(quantized.model.model.layers[0].mlp.down_proj, kind)
-    (tmp_path / "fp32").mkdir()
-    reference = TransformersBackend.load(settings_for(tmp_path / "fp32"), location)
-    tokens = prompt_tokens(reference, "What is 2 + 2?")
-    logits = prefill(quantized, 0, tokens)
-    assert np.isfinite(logits).all()
-    assert np.corrcoef(logits, prefill(reference, 0, tokens))[0, 1] > 0.9
-
-
-# -- the loading plan ----------------------------------------------------------------------------
-
-
-def plan_settings(**values):
-    settings = defaults()
-    settings.update(backend="transformers", **values)
-    return settings
-
-
-GPU_BOX = DeviceInfo(cuda_devices=2, gpu_memory_bytes=(20 * GIB, 22 * GIB), bitsandbytes=True,
-                     cpu_available_bytes=64 * GIB)
-CPU_BOX = DeviceInfo(cpu_available_bytes=16 * GIB)
+# -- the loading plan's from_pretrained arguments ----------------------------------------------
 
 
 def test_cpu_plan_is_fp32_without_quantization():
@@ -338,19 +255,6 @@ def test_cpu_8bit_falls_back_to_torch_int8_with_a_warning(values):
     assert plan.quantization == "int8"
     assert "quantization_config" not in plan.from_pretrained
     assert any("torch's dynamic int8" in note for note in plan.warnings)
-
-
-def test_cpu_4bit_is_refused_in_one_line_naming_the_key_and_file(tmp_path):
-    settings = settings_for(tmp_path, quantization="4bit")
-    with pytest.raises(BackendError) as caught:
-        loading_config(settings, CPU_BOX)
-    message = str(caught.value)
-    assert "\n" not in message and "settings.json" in message and "\"quantization\"" in message
-
-
-def test_cpu_8bit_is_refused_when_torch_has_no_int8_engine():
-    with pytest.raises(BackendError, match="quantization"):
-        loading_config(plan_settings(quantization="8bit"), DeviceInfo(cpu_int8=False))
 
 
 def test_cuda_plan_spreads_over_the_gpus_within_vram_with_cpu_offload_room():
@@ -400,27 +304,6 @@ def test_vram_zero_means_no_limit_but_the_gpus_own_memory():
     assert memory[0] == 20 * GIB and memory[1] == 22 * GIB
 
 
-def test_gguf_with_bitsandbytes_is_staged_through_a_folder():
-    settings = plan_settings(device="cuda", quantization="4bit")
-    assert loading_config(settings, GPU_BOX, gguf=True).stage_gguf
-    assert not loading_config(settings, GPU_BOX, gguf=False).stage_gguf
-    assert not loading_config(plan_settings(device="cuda"), GPU_BOX, gguf=True).stage_gguf
-
-
-def test_cuda_quantization_without_bitsandbytes_says_how_to_install_it():
-    box = DeviceInfo(cuda_devices=1, cpu_available_bytes=8 * GIB)
-    with pytest.raises(BackendError, match="pip install bitsandbytes"):
-        loading_config(plan_settings(device="cuda", quantization="8bit"), box)
-    assert loading_config(plan_settings(device="cuda"), box).quantization == "none"
-
-
-def test_cuda_on_a_machine_without_cuda_is_one_line_with_the_fix():
-    with pytest.raises(BackendError) as caught:
-        loading_config(plan_settings(device="cuda"), CPU_BOX)
-    assert "torch.cuda.is_available() is False" in str(caught.value)
-    assert "\n" not in str(caught.value)
-
-
 def test_mps_plan_is_fp16_on_the_apple_gpu_and_refuses_quantization():
     box = DeviceInfo(mps=True)
     plan = loading_config(plan_settings(device="mps"), box)
@@ -457,14 +340,3 @@ def test_the_planned_max_memory_makes_accelerate_spread_and_offload(model_folder
     assert device_map["model.embed_tokens"] == 0 and device_map["model.layers.7"] == "cpu"
     warning = offload_warning(device_map, settings)
     assert warning and "\"vRamGb\"" in warning and "\"numberOfGpus\" 2" in warning
-
-
-def test_offload_warning_only_when_part_of_the_model_left_the_gpus():
-    settings = plan_settings(numberOfGpus=1, vRamGb=4)
-    on_gpu = {"model.embed_tokens": 0, "model.layers": 0, "lm_head": 0}
-    assert offload_warning(on_gpu, settings) is None
-    assert "1 of 1 parts" in offload_warning({"": "cpu"}, settings)
-    assert offload_warning(None, settings) is None
-    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-             "lm_head": "cpu"}
-    assert "2 of 4 parts" in offload_warning(split, settings)
