@@ -16,7 +16,8 @@ Flow of a request::
 
 Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
 sequence leaves the batch at the next step, also in the middle of a long prompt.
-Events reach the adapter's greenlet through a ``handoff.EventChannel``.
+Events (``tanglebox.generation``) reach the adapter's greenlet through a
+``handoff.EventChannel``.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import collections
 import itertools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
 from tanglebox import handoff
 from tanglebox.backends.base import Backend, DecodeItem
 from tanglebox.chat_request import ChatRequest
+from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishReason,
+                                  Generation)
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
@@ -45,32 +46,8 @@ log = logging.getLogger(__name__)
 # step of every reply while it lasts (python -m tanglebox.bench.batch_order).
 SLOT_PREFIX_SLACK = 32
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_TIMEOUT, FINISH_SHUTDOWN = (
-    "stop", "length", "cancelled", "timeout", "shutdown")
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    finish_reason: str
-    text: str  # the whole reply
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens reused from the conversation's previous turn
-    timings: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Error:
-    code: str  # "prompt_too_long", "template", "internal", "shutdown"
-    message: str  # a sentence for the user, saying what to change when they can
-
-
-Event = Delta | Done | Error
+MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
+PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the prompt.")
 
 
 class QueueFull(Exception):
@@ -83,40 +60,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down and takes no new work."""
-
-
-class Generation:
-    """One reply being generated: read its ``events()``, or ``cancel()`` it."""
-
-    def __init__(self, request: ChatRequest) -> None:
-        self.id = uuid.uuid4().hex
-        self.request = request
-        self.submitted_at = time.monotonic()
-        self.cancelled = False
-        self._channel = handoff.EventChannel()
-        self._finished = False
-
-    def cancel(self) -> None:
-        self.cancelled = True  # read by the engine thread before its next step
-
-    def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None if none came within ``timeout`` seconds."""
-        if self._finished:
-            raise RuntimeError("the generation has already finished")
-        event = self._channel.get(timeout)
-        self._finished = isinstance(event, (Done, Error))
-        return event
-
-    def events(self) -> Iterator[Event]:
-        """Every event up to and including the final Done or Error."""
-        while not self._finished:
-            yield self.next_event()
-
-    def _emit(self, event: Event, wake: bool = True) -> None:
-        self._channel.put(event, final=isinstance(event, (Done, Error)), wake=wake)
-
-    def _wake(self) -> None:
-        self._channel.wake()
 
 
 @dataclass
@@ -253,8 +196,7 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a bug must not leave replies hanging
                     log.exception("the engine loop failed; ending the replies in progress")
                     for seq in list(self._active):
-                        self._fail_sequence(seq, Error("internal",
-                                                       "The model failed; please try again."))
+                        self._fail_sequence(seq, MODEL_FAILED)
         finally:
             try:
                 self.backend.close()
@@ -297,7 +239,7 @@ class Engine:
             if not generation.cancelled:
                 return generation
             self._in_system -= 1
-            generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+            generation._emit(Done(FinishReason.CANCELLED, "", 0, 0, 0, {}))
         return None
 
     def _drop_cancelled_pending(self) -> None:
@@ -331,22 +273,22 @@ class Engine:
             prompt = self.render(request)
             tokens = self.backend.tokenize(prompt.text)
         except TemplateError as err:
-            self._fail(generation, Error("template", str(err)))
+            self._fail(generation, Error(ErrorCode.TEMPLATE, str(err)))
             return
         except Exception:  # noqa: BLE001 - one bad prompt must not stop the engine
             log.exception("preparing a prompt failed")
-            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            self._fail(generation, PREPARING_FAILED)
             return
         if generation.cancelled:  # the client left while its prompt was being prepared
-            self._fail(generation, Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+            self._fail(generation, Done(FinishReason.CANCELLED, "", 0, 0, 0, {}))
             return
         if time.monotonic() - generation.submitted_at > self.request_timeout:
-            self._fail(generation, Done(FINISH_TIMEOUT, "", 0, 0, 0, {}))
+            self._fail(generation, Done(FinishReason.TIMEOUT, "", 0, 0, 0, {}))
             return
         context = self.backend.context_length
         if len(tokens) >= context:
             self._fail(generation, Error(
-                "prompt_too_long",
+                ErrorCode.PROMPT_TOO_LONG,
                 f"The prompt is {len(tokens)} tokens but the model's context holds {context} "
                 "(prompt and reply together). Shorten the prompt or the conversation history."))
             return
@@ -359,7 +301,7 @@ class Engine:
             self.backend.forget(slot.index, keep)
         except Exception:  # noqa: BLE001
             log.exception("clearing slot %d failed", slot.index)
-            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            self._fail(generation, PREPARING_FAILED)
             return
         del slot.tokens[keep:]
         slot.busy = True
@@ -389,9 +331,9 @@ class Engine:
         now = time.monotonic()
         for seq in list(self._active):
             if seq.generation.cancelled:
-                self._finish(seq, FINISH_CANCELLED)
+                self._finish(seq, FinishReason.CANCELLED)
             elif now - seq.generation.submitted_at > self.request_timeout:
-                self._finish(seq, FINISH_TIMEOUT)
+                self._finish(seq, FinishReason.TIMEOUT)
         if not self._active:
             return
         items = []
@@ -418,7 +360,7 @@ class Engine:
         except Exception:
             log.exception("the model failed during a decode step")
             for seq in list(self._active):
-                self._fail_sequence(seq, Error("internal", "The model failed; please try again."))
+                self._fail_sequence(seq, MODEL_FAILED)
             return
         # The readers are woken once every token of the step is handed out: a reader's
         # greenlet runs on the web's thread, which would otherwise take the GIL at this
@@ -433,8 +375,7 @@ class Engine:
                         self._accept_token(seq, token)
                     except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
                         log.exception("sampling a token failed")
-                        self._fail_sequence(seq, Error("internal",
-                                                       "The model failed; please try again."))
+                        self._fail_sequence(seq, MODEL_FAILED)
         finally:
             unwoken, self._unwoken = self._unwoken, None
             for generation in unwoken:
@@ -453,21 +394,21 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if self.backend.is_end_of_turn(token):
-            self._finish(seq, FINISH_STOP)
+            self._finish(seq, FinishReason.STOP)
             return
         seq.completion_tokens += 1
         delta = seq.reply.feed(self.backend.token_bytes(token))
         if delta:
             self._send(seq.generation, Delta(delta))
         if seq.reply.stopped:
-            self._finish(seq, FINISH_STOP)
+            self._finish(seq, FinishReason.STOP)
         elif (seq.completion_tokens >= seq.generation.request.max_new_tokens
               or len(seq.slot.tokens) + 1 >= self.backend.context_length):
-            self._finish(seq, FINISH_LENGTH)
+            self._finish(seq, FinishReason.LENGTH)
         else:
             seq.next_token = token
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         rest = seq.reply.finish()
         if rest:
             self._send(seq.generation, Delta(rest))
@@ -512,16 +453,16 @@ class Engine:
 
     def _shut_down(self) -> None:
         for seq in list(self._active):
-            self._finish(seq, FINISH_SHUTDOWN)
+            self._finish(seq, FinishReason.SHUTDOWN)
         with self._lock:
             waiting = [g for q in self._pending.values() for g in q]
             self._pending.clear()
         for generation in waiting:
-            self._fail(generation, Error("shutdown", "The server is shutting down."))
+            self._fail(generation, Error(ErrorCode.SHUTDOWN, "The server is shutting down."))
 
 
-def _ended_while_waiting(generation: Generation) -> str:
-    return FINISH_CANCELLED if generation.cancelled else FINISH_TIMEOUT
+def _ended_while_waiting(generation: Generation) -> FinishReason:
+    return FinishReason.CANCELLED if generation.cancelled else FinishReason.TIMEOUT
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

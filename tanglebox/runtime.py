@@ -7,6 +7,7 @@ test process can run several apps side by side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from flask import current_app
 
@@ -14,7 +15,13 @@ from tanglebox.chat_request import Limits
 from tanglebox.engine import Engine
 from tanglebox.settings import Settings
 
-LOADING, READY, FAILED = "loading", "ready", "failed"
+
+class RuntimeState(StrEnum):
+    """The model's state, as ``/health`` says it."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 class NotReady(Exception):
@@ -25,21 +32,21 @@ class NotReady(Exception):
 class Runtime:
     settings: Settings
     engine: Engine | None = None
-    state: str = LOADING
+    state: RuntimeState = RuntimeState.LOADING
     load_error: str = ""
 
     def attach_engine(self, engine: Engine) -> None:
         self.engine = engine
-        self.state = READY
+        self.state = RuntimeState.READY
 
     def fail(self, message: str) -> None:
-        self.state = FAILED
+        self.state = RuntimeState.FAILED
         self.load_error = message
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
             raise NotReady("The model is still loading; try again in a few seconds."
-                           if self.state == LOADING else "The model failed to load.")
+                           if self.state == RuntimeState.LOADING else "The model failed to load.")
         return self.engine
 
     def limits(self) -> Limits:

@@ -35,7 +35,8 @@ from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, Ser
                                  UnsupportedMediaType)
 
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
-from tanglebox.engine import Delta, Done, EngineStopped, Error, Event, Generation, QueueFull
+from tanglebox.engine import EngineStopped, QueueFull
+from tanglebox.generation import Delta, Done, Error, ErrorCode, Event, Generation
 from tanglebox.runtime import NotReady, Runtime, current_runtime
 from tanglebox.web.auth import FORM_TYPES, require_token
 
@@ -228,9 +229,9 @@ def submit(runtime: Runtime, chat_request: ChatRequest) -> Generation:
 
 def refuse(error: Error) -> NoReturn:
     """An engine error before anything was sent: the status that says whose fault it is."""
-    if error.code == "prompt_too_long":
+    if error.code == ErrorCode.PROMPT_TOO_LONG:
         abort(400, description=f"userPrompt + conversationHistory: {error.message}")
-    if error.code == "shutdown":
+    if error.code == ErrorCode.SHUTDOWN:
         raise ServiceUnavailable(error.message, retry_after=SHUTDOWN_RETRY_AFTER)
     raise InternalServerError(error.message)
 

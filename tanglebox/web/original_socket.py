@@ -63,16 +63,8 @@ from tanglebox.chat_request import (
     parse_temperature,
     parse_user_prompt,
 )
-from tanglebox.engine import (
-    FINISH_SHUTDOWN,
-    FINISH_TIMEOUT,
-    Delta,
-    Done,
-    EngineStopped,
-    Error,
-    Generation,
-    QueueFull,
-)
+from tanglebox.engine import EngineStopped, QueueFull
+from tanglebox.generation import Delta, Done, Error, ErrorCode, FinishReason, Generation
 from tanglebox.prompting import ASSISTANT, USER, Message
 from tanglebox.runtime import NotReady, Runtime, current_runtime
 from tanglebox.web.auth import request_token, require_token, token_is_valid
@@ -249,9 +241,9 @@ def answer(ws: Server, runtime: Runtime, state: SocketState, message: str,
 
 
 CUT_SHORT = {
-    FINISH_TIMEOUT: "Error: the reply took too long and was stopped "
+    FinishReason.TIMEOUT: "Error: the reply took too long and was stopped "
                     "(the server's requestTimeoutSeconds).",
-    FINISH_SHUTDOWN: "Error: the server is shutting down; the reply was cut short.",
+    FinishReason.SHUTDOWN: "Error: the server is shutting down; the reply was cut short.",
 }
 
 
@@ -281,7 +273,7 @@ def answer_prompt(ws: Server, runtime: Runtime, state: SocketState, prompt: str,
             state.history += [Message(USER, prompt), Message(ASSISTANT, final.text)]
         else:
             hint = (f" Send {DELETE} to start a new conversation."
-                    if final.code == "prompt_too_long" and state.history else "")
+                    if final.code == ErrorCode.PROMPT_TOO_LONG and state.history else "")
             send(ws, f"Error: {final.message}{hint}")
     send(ws, FINISHED)
 

@@ -66,18 +66,8 @@ from tanglebox.chat_request import (
     parse_temperature,
     parse_user_prompt,
 )
-from tanglebox.engine import (
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_SHUTDOWN,
-    FINISH_TIMEOUT,
-    Delta,
-    Done,
-    EngineStopped,
-    Error,
-    Generation,
-    QueueFull,
-)
+from tanglebox.engine import EngineStopped, QueueFull
+from tanglebox.generation import Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import NotReady, Runtime, current_runtime
 from tanglebox.web.ui_conversation import (
@@ -111,9 +101,9 @@ BUSY = "A reply is still being written: wait for it, or press Stop."
 FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
                 "maxNewTokens": "Max new tokens", "systemPrompt": "System prompt"}
 FINISH_NOTES = {
-    FINISH_CANCELLED: "Stopped.",
-    FINISH_TIMEOUT: "Stopped: the reply took too long.",
-    FINISH_SHUTDOWN: "Stopped: the server is shutting down.",
+    FinishReason.CANCELLED: "Stopped.",
+    FinishReason.TIMEOUT: "Stopped: the reply took too long.",
+    FinishReason.SHUTDOWN: "Stopped: the server is shutting down.",
 }
 
 
@@ -399,7 +389,7 @@ class ChatSocket:
                 self.send(error_fragment(BUSY))
 
     def _finish_note(self, done: Done) -> str:
-        if done.finish_reason == FINISH_LENGTH:
+        if done.finish_reason == FinishReason.LENGTH:
             return (f"Stopped at the limit of {self.conversation.settings.max_new_tokens} "
                     "new tokens.")
         if done.finish_reason in FINISH_NOTES:
