@@ -2,8 +2,8 @@
 
 Flow of a request::
 
-    adapter ── submit(ChatRequest) ──► pending queue (bounded; full → QueueFull at once)
-                                            │  round-robin across clients
+    adapter ── submit(ChatRequest) ──► WaitingQueue (bounded: full → QueueFull at once;
+                                            │  round-robin across clients)
     engine thread (a real OS thread) ◄──────┘
       admit: render the prompt, tokenize, pick the free slot whose cached tokens share the
              longest prefix with it (else one next to a busy slot, else the least recently
@@ -17,12 +17,13 @@ Flow of a request::
 Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
 sequence leaves the batch at the next step, also in the middle of a long prompt.
 Events (``tanglebox.generation``) reach the adapter's greenlet through a
-``handoff.EventChannel``.
+``handoff.EventChannel``. The queue (``tanglebox.waiting_queue``) is the only state the
+adapters' greenlets and the engine thread share, and it holds the only lock; everything else
+here belongs to the engine thread.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import time
@@ -38,6 +39,11 @@ from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishRe
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
+from tanglebox.waiting_queue import EngineStopped, QueueFull, WaitingQueue
+
+# What a caller of the engine needs, importable from here.
+__all__ = ["Delta", "Done", "Engine", "EngineStopped", "Error", "Event", "Generation",
+           "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +54,6 @@ SLOT_PREFIX_SLACK = 32
 
 MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
 PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the prompt.")
-
-
-class QueueFull(Exception):
-    """Every slot is busy and the queue is full: try again after ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("The server is busy with other replies; try again in a few seconds.")
-        self.retry_after = retry_after
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no new work."""
 
 
 @dataclass
@@ -97,18 +91,13 @@ class Engine:
         self.prefill_chunk = getattr(backend, "prefill_chunk", backend.batch_tokens)
         self.template_name = template_name
         self.default_system_prompt = default_system_prompt
-        self.queue_size = queue_size
         self.request_timeout = request_timeout
         self.log_prompts = log_prompts
         self._seeds = itertools.count(seed) if seed >= 0 else None
         self._slots = [_Slot(i) for i in range(backend.max_sequences)]
-        self._pending: collections.OrderedDict[str, collections.deque[Generation]] = (
-            collections.OrderedDict())
+        self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout)
         self._active: list[_Sequence] = []
-        self._in_system = 0  # pending + active, under _lock
-        self._lock = handoff.native_lock()
         self._wakeup = handoff.Wakeup()
-        self._stopping = False
         self._stopped = handoff.Wakeup()
         self._started = False
         # While a step hands out tokens: the generations to wake when it is done, in order
@@ -124,28 +113,7 @@ class Engine:
 
     def submit(self, request: ChatRequest) -> Generation:
         """Queue a request; raises QueueFull or EngineStopped at once instead of waiting."""
-        with self._lock:
-            if self._stopping:
-                raise EngineStopped()
-            dropped = []
-            if self._in_system >= len(self._slots) + self.queue_size:
-                # Requests whose clients left (or that timed out) while waiting still hold
-                # places until the engine's next step; free those before refusing anyone.
-                dropped = self._take_cancelled_pending()
-            if self._in_system >= len(self._slots) + self.queue_size:
-                refused = QueueFull(retry_after=self._retry_after())
-            else:
-                refused = None
-                # Made only once admitted: each Generation holds an event watcher until its
-                # final event, so a refused request must not create one.
-                generation = Generation(request)
-                self._in_system += 1
-                queue = self._pending.setdefault(request.client_id, collections.deque())
-                queue.append(generation)
-        for gone in dropped:
-            gone._emit(Done(_ended_while_waiting(gone), "", 0, 0, 0, {}))
-        if refused is not None:
-            raise refused
+        generation = self._queue.submit(request)
         self._wakeup.set()
         return generation
 
@@ -160,10 +128,8 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """Slots busy and requests waiting, for /health."""
-        with self._lock:
-            waiting = sum(len(q) for q in self._pending.values())
-            return {"slots": len(self._slots), "busy": self._in_system - waiting,
-                    "waiting": waiting}
+        in_system, waiting = self._queue.counts()
+        return {"slots": len(self._slots), "busy": in_system - waiting, "waiting": waiting}
 
     def stop(self, drain_seconds: float = 30.0, wait: bool = True) -> None:
         """Take no new work, let running replies finish (up to a limit), then end the thread.
@@ -172,18 +138,10 @@ class Engine:
         ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet);
         a second call can shorten the drain, never lengthen it.
         """
-        with self._lock:
-            deadline = time.monotonic() + drain_seconds
-            if self._stopping:
-                deadline = min(deadline, self._drain_deadline)
-            self._stopping = True
-            self._drain_deadline = deadline
+        deadline = self._queue.close(time.monotonic() + drain_seconds)
         self._wakeup.set()
         if self._started and wait:
             self._stopped.wait(max(0.0, deadline - time.monotonic()) + 5)
-
-    def _retry_after(self) -> int:
-        return 2 + self.queue_size // max(1, len(self._slots))
 
     # -- the engine thread ---------------------------------------------------------------
 
@@ -205,13 +163,13 @@ class Engine:
 
     def _iterate(self) -> bool:
         """Admit, then step once; False when the engine has stopped for good."""
-        self._drop_cancelled_pending()
+        self._queue.drop_gone()
         self._admit()
-        if self._stopping and self._drain_expired():
+        if self._queue.drain_expired():
             self._shut_down()
             return False
         if not self._active:
-            if self._stopping and self._in_system == 0:
+            if self._queue.closed and self._queue.empty:
                 return False
             self._wakeup.wait(0.5)
             return True
@@ -220,52 +178,11 @@ class Engine:
 
     def _admit(self) -> None:
         while True:
-            with self._lock:
-                free = [slot for slot in self._slots if not slot.busy]
-                generation = self._next_pending() if free else None
+            free = [slot for slot in self._slots if not slot.busy]
+            generation = self._queue.next() if free else None
             if generation is None:
                 return
             self._start_sequence(generation, free)
-
-    def _next_pending(self) -> Generation | None:
-        """Round-robin over clients, FIFO within a client; drops cancelled requests."""
-        while self._pending:
-            client, queue = next(iter(self._pending.items()))
-            generation = queue.popleft()
-            if queue:
-                self._pending.move_to_end(client)
-            else:
-                del self._pending[client]
-            if not generation.cancelled:
-                return generation
-            self._in_system -= 1
-            generation._emit(Done(FinishReason.CANCELLED, "", 0, 0, 0, {}))
-        return None
-
-    def _drop_cancelled_pending(self) -> None:
-        """Answer waiting requests whose clients have gone, or that waited past the request
-        timeout, so they free their places in the queue now."""
-        with self._lock:
-            dropped = self._take_cancelled_pending()
-        for generation in dropped:
-            generation._emit(Done(_ended_while_waiting(generation), "", 0, 0, 0, {}))
-
-    def _take_cancelled_pending(self) -> list[Generation]:
-        """Remove cancelled or timed-out requests from the queue (under ``_lock``); the caller
-        answers them."""
-        expired = time.monotonic() - self.request_timeout
-        gone = lambda g: g.cancelled or g.submitted_at < expired  # noqa: E731
-        dropped = []
-        for client in [c for c, q in self._pending.items() if any(gone(g) for g in q)]:
-            queue = self._pending[client]
-            dropped += [g for g in queue if gone(g)]
-            kept = collections.deque(g for g in queue if not gone(g))
-            if kept:
-                self._pending[client] = kept
-            else:
-                del self._pending[client]
-        self._in_system -= len(dropped)
-        return dropped
 
     def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
         request = generation.request
@@ -439,30 +356,17 @@ class Engine:
         self._active.remove(seq)
         seq.slot.busy = False
         seq.slot.last_used = time.monotonic()
-        with self._lock:
-            self._in_system -= 1
+        self._queue.release()
 
     def _fail(self, generation: Generation, event: Error | Done) -> None:
-        """End a request that never got a slot."""
-        with self._lock:
-            self._in_system -= 1
+        """End a request that was taken from the queue but never got a slot."""
+        self._queue.release()
         generation._emit(event)
-
-    def _drain_expired(self) -> bool:
-        return time.monotonic() >= self._drain_deadline
 
     def _shut_down(self) -> None:
         for seq in list(self._active):
             self._finish(seq, FinishReason.SHUTDOWN)
-        with self._lock:
-            waiting = [g for q in self._pending.values() for g in q]
-            self._pending.clear()
-        for generation in waiting:
-            self._fail(generation, Error(ErrorCode.SHUTDOWN, "The server is shutting down."))
-
-
-def _ended_while_waiting(generation: Generation) -> FinishReason:
-    return FinishReason.CANCELLED if generation.cancelled else FinishReason.TIMEOUT
+        self._queue.shut_down()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -99,3 +99,6 @@ class Generation:
     def _wake(self) -> None:
         self._channel.wake()
 
+    def _end_unstarted(self, reason: FinishReason) -> None:
+        """Answer a request that ends before it ever reached a slot."""
+        self._emit(Done(reason, "", 0, 0, 0, {}))
