@@ -98,7 +98,7 @@ class Engine:
         self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout)
         self._active: list[_Sequence] = []
         self._wakeup = handoff.Wakeup()
-        self._stopped = handoff.Wakeup()
+        self._stopped = handoff.Latch()
         self._started = False
         # While a step hands out tokens: the generations to wake when it is done, in order
         # (a dict, so each is woken once however many events it got).
@@ -135,8 +135,9 @@ class Engine:
         """Take no new work, let running replies finish (up to a limit), then end the thread.
 
         Replies still running after ``drain_seconds`` end with finish reason ``shutdown``.
-        ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet);
-        a second call can shorten the drain, never lengthen it.
+        ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet).
+        Any number of calls are safe: a later one can shorten the drain, never lengthen it,
+        and returns at once when the engine has already stopped.
         """
         deadline = self._queue.close(time.monotonic() + drain_seconds)
         self._wakeup.set()

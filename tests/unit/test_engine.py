@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from tanglebox.chat_request import ChatRequest
@@ -198,6 +200,17 @@ def test_stop_drains_running_replies_then_refuses_new_work(make_engine):
     with pytest.raises(EngineStopped):
         engine.submit(request("echo too late"))
     assert engine.backend.closed
+
+
+def test_stop_again_returns_at_once_when_the_engine_has_stopped(make_engine):
+    engine = make_engine()
+    engine.start()
+    engine.stop(drain_seconds=600)  # nothing runs: the engine ends at once
+    assert engine.backend.closed
+    again = threading.Thread(target=engine.stop, kwargs={"drain_seconds": 600}, daemon=True)
+    again.start()
+    again.join(timeout=30)  # a deadline, not a wait: the call should return at once
+    assert not again.is_alive(), "a second stop() waited for an engine that had stopped"
 
 
 def test_a_long_prompt_is_read_in_chunks_while_a_reply_streams(make_engine):
