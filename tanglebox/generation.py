@@ -4,9 +4,15 @@ The engine answers every submitted request with a :class:`Generation`; its event
 
     Delta(text)*  then  Done(finish_reason, text, counts, timings)  or  Error(code, message)
 
-Whoever reads the events (an adapter's greenlet) may ``cancel()`` at any time; the engine sees
-the flag before its next step and ends the reply with ``Done(FinishReason.CANCELLED)``.
-Events cross from the engine's thread through a ``handoff.EventChannel``.
+An adapter passes them on with one loop, ``for event in generation.relay(client_gone)``: the
+relay looks at the client after every event and every ``RELAY_POLL_SECONDS`` without one (a
+queued request, a long prompt), and cancels the generation whenever it ends before the final
+event: the client left, the adapter stopped reading (a ``break``, an exception, a killed
+greenlet). The engine sees the flag before its next step, so the reply leaves the batch and
+frees its slot there. Events cross from the engine's thread through a
+``handoff.EventChannel``.
+
+How a reply that ended early is explained to a person is written once too: ``ENDED_EARLY``.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest
+
+
+# How often a relay looks at its client while no event comes: a Stop pressed in the chat UI
+# shows within this, and a vanished client's reply leaves the batch within this plus a step.
+RELAY_POLL_SECONDS = 0.1
 
 
 class FinishReason(StrEnum):
@@ -63,6 +74,17 @@ class Error:
 
 Event = Delta | Done | Error
 
+# The one sentence for "no new work, the server is stopping", whenever a request hears it.
+SHUTTING_DOWN = "The server is shutting down; try again in a few seconds."
+
+# A reply that ended before the model finished it, in the words every surface shows after it.
+ENDED_EARLY = {
+    FinishReason.CANCELLED: "Stopped.",
+    FinishReason.TIMEOUT: "The reply took too long and was stopped (the server's "
+                          "requestTimeoutSeconds).",
+    FinishReason.SHUTDOWN: "The server is shutting down; the reply was cut short.",
+}
+
 
 class Generation:
     """One reply being generated: read its ``events()``, or ``cancel()`` it."""
@@ -90,6 +112,29 @@ class Generation:
         """Every event up to and including the final Done or Error."""
         while not self._finished:
             yield self.next_event()
+
+    def relay(self, client_gone: Callable[[], bool] | None = None,
+              ticks: bool = False) -> Iterator[Event | None]:
+        """The events up to and including the final one, for an adapter to pass on.
+
+        ``client_gone()`` is asked after every event and every ``RELAY_POLL_SECONDS`` without
+        one; True ends the relay there. With ``ticks``, each such quiet poll also yields None,
+        so the caller can watch its client itself. Whenever the relay ends before the final
+        event (the client is gone, or the caller stops reading: CPython closes a generator,
+        running this ``finally``, as soon as nothing refers to it), it cancels the generation.
+        """
+        finished = False
+        try:
+            while not finished:
+                event = self.next_event(RELAY_POLL_SECONDS)
+                if client_gone is not None and client_gone():
+                    return
+                finished = isinstance(event, (Done, Error))
+                if event is not None or ticks:
+                    yield event
+        finally:
+            if not finished:
+                self.cancel()
 
     # -- the engine's side ---------------------------------------------------------------
 

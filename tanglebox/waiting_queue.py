@@ -23,7 +23,7 @@ import time
 
 from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest
-from tanglebox.generation import Error, ErrorCode, FinishReason, Generation
+from tanglebox.generation import SHUTTING_DOWN, Error, ErrorCode, FinishReason, Generation
 
 
 class QueueFull(Exception):
@@ -130,7 +130,7 @@ class WaitingQueue:
             self._pending.clear()
             self._in_system -= len(waiting)
         for generation in waiting:
-            generation._emit(Error(ErrorCode.SHUTDOWN, "The server is shutting down."))
+            generation._emit(Error(ErrorCode.SHUTDOWN, SHUTTING_DOWN))
 
     @property
     def closed(self) -> bool:

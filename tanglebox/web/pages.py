@@ -31,7 +31,7 @@ def health():
         response.status_code = 503
         response.headers["Retry-After"] = "2"
         return response
-    engine = runtime.ready_engine()
+    engine = runtime.engine
     backend = engine.backend
     return jsonify({
         "status": "ok",
