@@ -59,8 +59,8 @@ from flask import current_app, request
 from flask_sock import Sock
 
 from tanglebox.chat_request import (
+    ChatRequest,
     RequestError,
-    build_chat_request,
     parse_max_new_tokens,
     parse_system_prompt,
     parse_temperature,
@@ -290,17 +290,12 @@ class ChatSocket:
         if self.conversation.busy:
             self._refuse(BUSY, draft)
             return None
-        chat = self.conversation.settings
-        chat_request = build_chat_request({
-            "userPrompt": prompt,
-            "conversationHistory": [["Human" if m.role == USER else "AI", m.content]
-                                    for m in history],
-            "systemPrompt": chat.system_prompt,
-            "temperature": chat.temperature,
-            "maxNewTokens": chat.max_new_tokens,
-        }, self.runtime.limits(), self.client_id, from_json=True)
+        chat = self.conversation.settings  # checked when they were applied
         try:
-            return self.runtime.submit(chat_request)
+            return self.runtime.submit(ChatRequest(
+                messages=(*history, Message(USER, prompt)), system_prompt=chat.system_prompt,
+                temperature=chat.temperature, max_new_tokens=chat.max_new_tokens,
+                client_id=self.client_id))
         except Refused as refusal:
             self._refuse(refusal.message, draft)
             return None
