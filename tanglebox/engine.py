@@ -39,6 +39,7 @@ from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishRe
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
+from tanglebox.settings import Settings
 from tanglebox.waiting_queue import EngineStopped, QueueFull, WaitingQueue
 
 # What a caller of the engine needs, importable from here.
@@ -368,6 +369,22 @@ class Engine:
         for seq in list(self._active):
             self._finish(seq, FinishReason.SHUTDOWN)
         self._queue.shut_down()
+
+
+def engine_from_settings(settings: Settings, backend: Backend) -> Engine:
+    """The engine as the server runs it: wired from settings, its template checked, started.
+
+    Serving builds its engine here, and so do the tests' fixtures, so tests run the
+    production wiring (system prompt, seed, request timeout, prompt logging).
+    """
+    engine = Engine(backend, settings["conversationTemplate"],
+                    default_system_prompt=settings["systemPrompt"],
+                    queue_size=settings["queueSize"],
+                    request_timeout=settings["requestTimeoutSeconds"], seed=settings["seed"],
+                    log_prompts=settings["enableModelDebugOutput"])
+    engine.render_check()
+    engine.start()
+    return engine
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
