@@ -19,21 +19,16 @@ The flow of one request, each step refusing with a clear 4xx/503 before any work
    ``text/plain`` whole (the original's default) or chunked as generated, ``application/json``
    (one object), or ``text/event-stream`` (``delta``, then ``done`` or ``error`` events).
 
-A client that goes away is noticed at the next event (or within the relay's poll while
-nothing is generated), by peeking at its socket, and by the failed write that makes gunicorn
-close our response iterator; either way the relay cancels the generation, which leaves the
-batch at the engine's next step.
+Steps 5 and 6 go through :mod:`tanglebox.web.http_relay`: a client that goes away is noticed
+at the next event (or within the relay's poll while nothing is generated), and the relay
+cancels the generation, which leaves the batch at the engine's next step.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
-import select
-import socket
-from contextlib import closing
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, Mapping, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, request
 from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, ServiceUnavailable,
@@ -43,15 +38,15 @@ from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request
 from tanglebox.generation import Delta, Done, Error, ErrorCode, Event
 from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
+from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, final_event, first_event,
+                                      streamed)
 from tanglebox.web.security import origin_listed
 
 blueprint = Blueprint("api", __name__)
 blueprint.before_request(require_api_enabled)
 
 PLAIN, JSON, EVENT_STREAM = "text/plain", "application/json", "text/event-stream"
-CLIENT_CLOSED_REQUEST = 499  # nginx's code: logged, never seen by the (absent) client
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
 class StreamFailed(Exception):
@@ -82,9 +77,7 @@ def conversation() -> Response:
     runtime.check_open()
     chat_request, stream = parse_request(params, from_json, runtime)
     reply_type = request.accept_mimetypes.best_match([PLAIN, JSON, EVENT_STREAM]) or PLAIN
-    environ = request.environ
-    events = runtime.submit(chat_request).relay(lambda: client_disconnected(environ))
-    first = next(events, None)
+    first, events = first_event(runtime.submit(chat_request))
     if first is None:
         return Response(status=CLIENT_CLOSED_REQUEST)
     if isinstance(first, Error):
@@ -95,9 +88,11 @@ def conversation() -> Response:
                         EVENT_STREAM)
     if reply_type == PLAIN and stream:
         return streamed(first, events, render_plain, PLAIN)
-    done = last_event(first, events)
+    done = final_event(first, events)
     if done is None:
         return Response(status=CLIENT_CLOSED_REQUEST)
+    if isinstance(done, Error):
+        refuse(done)  # the model failed mid-reply: nothing was sent yet
     if reply_type == JSON:
         return jsonify(reply_json(done, model))
     return Response(done.text, mimetype=PLAIN)
@@ -199,7 +194,7 @@ def parse_request(params: Mapping[str, Any], from_json: bool,
     return chat_request, stream
 
 
-# -- 5. the first event and the rest ----------------------------------------------------------
+# -- 5. an engine error before the status line ---------------------------------------------
 
 def refuse(error: Error) -> NoReturn:
     """An engine error before anything was sent: the status that says whose fault it is."""
@@ -210,57 +205,7 @@ def refuse(error: Error) -> NoReturn:
     raise InternalServerError(error.message)
 
 
-def last_event(first: Event, events: Iterator[Event]) -> Done | None:
-    """The final Done (an Error is refused), or None when the client left first."""
-    for event in itertools.chain([first], events):
-        if isinstance(event, Error):
-            refuse(event)
-        if isinstance(event, Done):
-            return event
-    return None
-
-
-def client_disconnected(environ: dict) -> bool:
-    """True when the client has closed its connection (gunicorn only; False when unknown).
-
-    A request's body has been read by now, so a readable socket that yields no bytes to a
-    peek is one the client has closed. TLS sockets cannot be peeked at; there the failed
-    write of the next chunk tells instead.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except ValueError:  # an SSL socket refuses recv flags
-        return False
-    except OSError:  # reset by the peer
-        return True
-
-
 # -- 6. rendering ----------------------------------------------------------------------------
-
-def streamed(first: Event, events: Iterator[Event], render: Callable[[Event], str],
-             mimetype: str) -> Response:
-    return Response(stream_events(first, events, render), mimetype=mimetype,
-                    headers=STREAM_HEADERS)
-
-
-def stream_events(first: Event, events: Iterator[Event],
-                  render: Callable[[Event], str]) -> Iterator[str]:
-    """Yield each rendered event as it comes; the stream ends early when the client leaves.
-
-    gunicorn closes this iterator when a write fails (GeneratorExit at the ``yield``), which
-    closes the relay, which cancels the generation; the relay's :func:`client_disconnected`
-    notices a closed connection even before a write fails.
-    """
-    with closing(events):
-        for event in itertools.chain([first], events):
-            chunk = render(event)
-            if chunk:
-                yield chunk
-
 
 def render_plain(event: Event) -> str:
     if isinstance(event, Delta):
