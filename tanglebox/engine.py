@@ -2,8 +2,8 @@
 
 Flow of a request::
 
-    adapter ── submit(ChatRequest) ──► pending queue (bounded; full → QueueFull at once)
-                                            │  round-robin across clients
+    adapter ── submit(ChatRequest) ──► WaitingQueue (bounded: full → QueueFull at once;
+                                            │  round-robin across clients)
     engine thread (a real OS thread) ◄──────┘
       admit: render the prompt, tokenize, pick the free slot whose cached tokens share the
              longest prefix with it (else one next to a busy slot, else the least recently
@@ -16,27 +16,35 @@ Flow of a request::
 
 Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
 sequence leaves the batch at the next step, also in the middle of a long prompt.
-Events reach the adapter's greenlet through a ``handoff.EventChannel``.
+Events (``tanglebox.generation``) reach the adapter's greenlet through a
+``handoff.EventChannel``. The queue (``tanglebox.waiting_queue``) is the only state the
+adapters' greenlets and the engine thread share, and it holds the only lock; everything else
+here belongs to the engine thread.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
 from tanglebox import handoff
 from tanglebox.backends.base import Backend, DecodeItem
 from tanglebox.chat_request import ChatRequest
+from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishReason,
+                                  Generation)
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
+from tanglebox.settings import Settings
+from tanglebox.waiting_queue import EngineStopped, QueueFull, WaitingQueue
+
+# What a caller of the engine needs, importable from here.
+__all__ = ["Delta", "Done", "Engine", "EngineStopped", "Error", "Event", "Generation",
+           "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -45,78 +53,8 @@ log = logging.getLogger(__name__)
 # step of every reply while it lasts (python -m tanglebox.bench.batch_order).
 SLOT_PREFIX_SLACK = 32
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_TIMEOUT, FINISH_SHUTDOWN = (
-    "stop", "length", "cancelled", "timeout", "shutdown")
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    finish_reason: str
-    text: str  # the whole reply
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens reused from the conversation's previous turn
-    timings: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Error:
-    code: str  # "prompt_too_long", "template", "internal", "shutdown"
-    message: str  # a sentence for the user, saying what to change when they can
-
-
-Event = Delta | Done | Error
-
-
-class QueueFull(Exception):
-    """Every slot is busy and the queue is full: try again after ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("The server is busy with other replies; try again in a few seconds.")
-        self.retry_after = retry_after
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no new work."""
-
-
-class Generation:
-    """One reply being generated: read its ``events()``, or ``cancel()`` it."""
-
-    def __init__(self, request: ChatRequest) -> None:
-        self.id = uuid.uuid4().hex
-        self.request = request
-        self.submitted_at = time.monotonic()
-        self.cancelled = False
-        self._channel = handoff.EventChannel()
-        self._finished = False
-
-    def cancel(self) -> None:
-        self.cancelled = True  # read by the engine thread before its next step
-
-    def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None if none came within ``timeout`` seconds."""
-        if self._finished:
-            raise RuntimeError("the generation has already finished")
-        event = self._channel.get(timeout)
-        self._finished = isinstance(event, (Done, Error))
-        return event
-
-    def events(self) -> Iterator[Event]:
-        """Every event up to and including the final Done or Error."""
-        while not self._finished:
-            yield self.next_event()
-
-    def _emit(self, event: Event, wake: bool = True) -> None:
-        self._channel.put(event, final=isinstance(event, (Done, Error)), wake=wake)
-
-    def _wake(self) -> None:
-        self._channel.wake()
+MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
+PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the prompt.")
 
 
 @dataclass
@@ -154,19 +92,14 @@ class Engine:
         self.prefill_chunk = getattr(backend, "prefill_chunk", backend.batch_tokens)
         self.template_name = template_name
         self.default_system_prompt = default_system_prompt
-        self.queue_size = queue_size
         self.request_timeout = request_timeout
         self.log_prompts = log_prompts
         self._seeds = itertools.count(seed) if seed >= 0 else None
         self._slots = [_Slot(i) for i in range(backend.max_sequences)]
-        self._pending: collections.OrderedDict[str, collections.deque[Generation]] = (
-            collections.OrderedDict())
+        self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout)
         self._active: list[_Sequence] = []
-        self._in_system = 0  # pending + active, under _lock
-        self._lock = handoff.native_lock()
         self._wakeup = handoff.Wakeup()
-        self._stopping = False
-        self._stopped = handoff.Wakeup()
+        self._stopped = handoff.Latch()
         self._started = False
         # While a step hands out tokens: the generations to wake when it is done, in order
         # (a dict, so each is woken once however many events it got).
@@ -181,28 +114,7 @@ class Engine:
 
     def submit(self, request: ChatRequest) -> Generation:
         """Queue a request; raises QueueFull or EngineStopped at once instead of waiting."""
-        with self._lock:
-            if self._stopping:
-                raise EngineStopped()
-            dropped = []
-            if self._in_system >= len(self._slots) + self.queue_size:
-                # Requests whose clients left (or that timed out) while waiting still hold
-                # places until the engine's next step; free those before refusing anyone.
-                dropped = self._take_cancelled_pending()
-            if self._in_system >= len(self._slots) + self.queue_size:
-                refused = QueueFull(retry_after=self._retry_after())
-            else:
-                refused = None
-                # Made only once admitted: each Generation holds an event watcher until its
-                # final event, so a refused request must not create one.
-                generation = Generation(request)
-                self._in_system += 1
-                queue = self._pending.setdefault(request.client_id, collections.deque())
-                queue.append(generation)
-        for gone in dropped:
-            gone._emit(Done(_ended_while_waiting(gone), "", 0, 0, 0, {}))
-        if refused is not None:
-            raise refused
+        generation = self._queue.submit(request)
         self._wakeup.set()
         return generation
 
@@ -217,30 +129,21 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """Slots busy and requests waiting, for /health."""
-        with self._lock:
-            waiting = sum(len(q) for q in self._pending.values())
-            return {"slots": len(self._slots), "busy": self._in_system - waiting,
-                    "waiting": waiting}
+        in_system, waiting = self._queue.counts()
+        return {"slots": len(self._slots), "busy": in_system - waiting, "waiting": waiting}
 
     def stop(self, drain_seconds: float = 30.0, wait: bool = True) -> None:
         """Take no new work, let running replies finish (up to a limit), then end the thread.
 
         Replies still running after ``drain_seconds`` end with finish reason ``shutdown``.
-        ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet);
-        a second call can shorten the drain, never lengthen it.
+        ``wait=False`` only starts the drain (safe to call from a signal-spawned greenlet).
+        Any number of calls are safe: a later one can shorten the drain, never lengthen it,
+        and returns at once when the engine has already stopped.
         """
-        with self._lock:
-            deadline = time.monotonic() + drain_seconds
-            if self._stopping:
-                deadline = min(deadline, self._drain_deadline)
-            self._stopping = True
-            self._drain_deadline = deadline
+        deadline = self._queue.close(time.monotonic() + drain_seconds)
         self._wakeup.set()
         if self._started and wait:
             self._stopped.wait(max(0.0, deadline - time.monotonic()) + 5)
-
-    def _retry_after(self) -> int:
-        return 2 + self.queue_size // max(1, len(self._slots))
 
     # -- the engine thread ---------------------------------------------------------------
 
@@ -253,8 +156,7 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a bug must not leave replies hanging
                     log.exception("the engine loop failed; ending the replies in progress")
                     for seq in list(self._active):
-                        self._fail_sequence(seq, Error("internal",
-                                                       "The model failed; please try again."))
+                        self._fail_sequence(seq, MODEL_FAILED)
         finally:
             try:
                 self.backend.close()
@@ -263,13 +165,13 @@ class Engine:
 
     def _iterate(self) -> bool:
         """Admit, then step once; False when the engine has stopped for good."""
-        self._drop_cancelled_pending()
+        self._queue.drop_gone()
         self._admit()
-        if self._stopping and self._drain_expired():
+        if self._queue.drain_expired():
             self._shut_down()
             return False
         if not self._active:
-            if self._stopping and self._in_system == 0:
+            if self._queue.closed and self._queue.empty:
                 return False
             self._wakeup.wait(0.5)
             return True
@@ -278,52 +180,11 @@ class Engine:
 
     def _admit(self) -> None:
         while True:
-            with self._lock:
-                free = [slot for slot in self._slots if not slot.busy]
-                generation = self._next_pending() if free else None
+            free = [slot for slot in self._slots if not slot.busy]
+            generation = self._queue.next() if free else None
             if generation is None:
                 return
             self._start_sequence(generation, free)
-
-    def _next_pending(self) -> Generation | None:
-        """Round-robin over clients, FIFO within a client; drops cancelled requests."""
-        while self._pending:
-            client, queue = next(iter(self._pending.items()))
-            generation = queue.popleft()
-            if queue:
-                self._pending.move_to_end(client)
-            else:
-                del self._pending[client]
-            if not generation.cancelled:
-                return generation
-            self._in_system -= 1
-            generation._emit(Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
-        return None
-
-    def _drop_cancelled_pending(self) -> None:
-        """Answer waiting requests whose clients have gone, or that waited past the request
-        timeout, so they free their places in the queue now."""
-        with self._lock:
-            dropped = self._take_cancelled_pending()
-        for generation in dropped:
-            generation._emit(Done(_ended_while_waiting(generation), "", 0, 0, 0, {}))
-
-    def _take_cancelled_pending(self) -> list[Generation]:
-        """Remove cancelled or timed-out requests from the queue (under ``_lock``); the caller
-        answers them."""
-        expired = time.monotonic() - self.request_timeout
-        gone = lambda g: g.cancelled or g.submitted_at < expired  # noqa: E731
-        dropped = []
-        for client in [c for c, q in self._pending.items() if any(gone(g) for g in q)]:
-            queue = self._pending[client]
-            dropped += [g for g in queue if gone(g)]
-            kept = collections.deque(g for g in queue if not gone(g))
-            if kept:
-                self._pending[client] = kept
-            else:
-                del self._pending[client]
-        self._in_system -= len(dropped)
-        return dropped
 
     def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
         request = generation.request
@@ -331,22 +192,22 @@ class Engine:
             prompt = self.render(request)
             tokens = self.backend.tokenize(prompt.text)
         except TemplateError as err:
-            self._fail(generation, Error("template", str(err)))
+            self._fail(generation, Error(ErrorCode.TEMPLATE, str(err)))
             return
         except Exception:  # noqa: BLE001 - one bad prompt must not stop the engine
             log.exception("preparing a prompt failed")
-            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            self._fail(generation, PREPARING_FAILED)
             return
         if generation.cancelled:  # the client left while its prompt was being prepared
-            self._fail(generation, Done(FINISH_CANCELLED, "", 0, 0, 0, {}))
+            self._fail(generation, Done(FinishReason.CANCELLED, "", 0, 0, 0, {}))
             return
         if time.monotonic() - generation.submitted_at > self.request_timeout:
-            self._fail(generation, Done(FINISH_TIMEOUT, "", 0, 0, 0, {}))
+            self._fail(generation, Done(FinishReason.TIMEOUT, "", 0, 0, 0, {}))
             return
         context = self.backend.context_length
         if len(tokens) >= context:
             self._fail(generation, Error(
-                "prompt_too_long",
+                ErrorCode.PROMPT_TOO_LONG,
                 f"The prompt is {len(tokens)} tokens but the model's context holds {context} "
                 "(prompt and reply together). Shorten the prompt or the conversation history."))
             return
@@ -359,7 +220,7 @@ class Engine:
             self.backend.forget(slot.index, keep)
         except Exception:  # noqa: BLE001
             log.exception("clearing slot %d failed", slot.index)
-            self._fail(generation, Error("internal", "The server could not prepare the prompt."))
+            self._fail(generation, PREPARING_FAILED)
             return
         del slot.tokens[keep:]
         slot.busy = True
@@ -389,9 +250,9 @@ class Engine:
         now = time.monotonic()
         for seq in list(self._active):
             if seq.generation.cancelled:
-                self._finish(seq, FINISH_CANCELLED)
+                self._finish(seq, FinishReason.CANCELLED)
             elif now - seq.generation.submitted_at > self.request_timeout:
-                self._finish(seq, FINISH_TIMEOUT)
+                self._finish(seq, FinishReason.TIMEOUT)
         if not self._active:
             return
         items = []
@@ -418,7 +279,7 @@ class Engine:
         except Exception:
             log.exception("the model failed during a decode step")
             for seq in list(self._active):
-                self._fail_sequence(seq, Error("internal", "The model failed; please try again."))
+                self._fail_sequence(seq, MODEL_FAILED)
             return
         # The readers are woken once every token of the step is handed out: a reader's
         # greenlet runs on the web's thread, which would otherwise take the GIL at this
@@ -433,8 +294,7 @@ class Engine:
                         self._accept_token(seq, token)
                     except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
                         log.exception("sampling a token failed")
-                        self._fail_sequence(seq, Error("internal",
-                                                       "The model failed; please try again."))
+                        self._fail_sequence(seq, MODEL_FAILED)
         finally:
             unwoken, self._unwoken = self._unwoken, None
             for generation in unwoken:
@@ -453,21 +313,21 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if self.backend.is_end_of_turn(token):
-            self._finish(seq, FINISH_STOP)
+            self._finish(seq, FinishReason.STOP)
             return
         seq.completion_tokens += 1
         delta = seq.reply.feed(self.backend.token_bytes(token))
         if delta:
             self._send(seq.generation, Delta(delta))
         if seq.reply.stopped:
-            self._finish(seq, FINISH_STOP)
+            self._finish(seq, FinishReason.STOP)
         elif (seq.completion_tokens >= seq.generation.request.max_new_tokens
               or len(seq.slot.tokens) + 1 >= self.backend.context_length):
-            self._finish(seq, FINISH_LENGTH)
+            self._finish(seq, FinishReason.LENGTH)
         else:
             seq.next_token = token
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         rest = seq.reply.finish()
         if rest:
             self._send(seq.generation, Delta(rest))
@@ -498,30 +358,33 @@ class Engine:
         self._active.remove(seq)
         seq.slot.busy = False
         seq.slot.last_used = time.monotonic()
-        with self._lock:
-            self._in_system -= 1
+        self._queue.release()
 
     def _fail(self, generation: Generation, event: Error | Done) -> None:
-        """End a request that never got a slot."""
-        with self._lock:
-            self._in_system -= 1
+        """End a request that was taken from the queue but never got a slot."""
+        self._queue.release()
         generation._emit(event)
-
-    def _drain_expired(self) -> bool:
-        return time.monotonic() >= self._drain_deadline
 
     def _shut_down(self) -> None:
         for seq in list(self._active):
-            self._finish(seq, FINISH_SHUTDOWN)
-        with self._lock:
-            waiting = [g for q in self._pending.values() for g in q]
-            self._pending.clear()
-        for generation in waiting:
-            self._fail(generation, Error("shutdown", "The server is shutting down."))
+            self._finish(seq, FinishReason.SHUTDOWN)
+        self._queue.shut_down()
 
 
-def _ended_while_waiting(generation: Generation) -> str:
-    return FINISH_CANCELLED if generation.cancelled else FINISH_TIMEOUT
+def engine_from_settings(settings: Settings, backend: Backend) -> Engine:
+    """The engine as the server runs it: wired from settings, its template checked, started.
+
+    Serving builds its engine here, and so do the tests' fixtures, so tests run the
+    production wiring (system prompt, seed, request timeout, prompt logging).
+    """
+    engine = Engine(backend, settings["conversationTemplate"],
+                    default_system_prompt=settings["systemPrompt"],
+                    queue_size=settings["queueSize"],
+                    request_timeout=settings["requestTimeoutSeconds"], seed=settings["seed"],
+                    log_prompts=settings["enableModelDebugOutput"])
+    engine.render_check()
+    engine.start()
+    return engine
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

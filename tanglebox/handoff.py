@@ -4,7 +4,8 @@ Under gevent (our server), ``threading`` is monkey-patched: a "thread" is a gree
 blocking C call in one (a llama.cpp decode) freezes every client. So:
 
 - the engine runs on a real OS thread, started with the *original* ``_thread`` functions;
-- the engine sleeps on a :class:`Wakeup` built on an original (unpatched) lock;
+- the engine sleeps on a :class:`Wakeup` built on an original (unpatched) lock, and says it
+  has stopped with a :class:`Latch`;
 - events go back to a greenlet through an :class:`EventChannel`: a deque plus a libev async
   watcher, whose ``send()`` is the one thread-safe way to wake a gevent hub. The greenlet waits
   on a gevent Event that the watcher's callback sets, so other greenlets keep running.
@@ -60,6 +61,30 @@ class Wakeup:
 
     def wait(self, timeout: float) -> bool:
         return self._lock.acquire(True, timeout)
+
+
+class Latch:
+    """Set once, by any thread, and set for good: every ``wait`` after that returns at once.
+
+    (A :class:`Wakeup` is taken by the one ``wait`` it wakes; the engine's "stopped" must be
+    seen by every caller of ``Engine.stop``, a second one included.)
+    """
+
+    def __init__(self) -> None:
+        self._wakeup = Wakeup()
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self._wakeup.set()
+
+    def wait(self, timeout: float) -> bool:
+        if self._set:
+            return True
+        if self._wakeup.wait(timeout):
+            self._wakeup.set()  # pass it on to the next waiter
+            return True
+        return self._set
 
 
 class EventChannel:

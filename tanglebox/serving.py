@@ -19,7 +19,7 @@ from gunicorn.app.base import BaseApplication
 
 from tanglebox import handoff
 from tanglebox.backends import check_device, load_backend
-from tanglebox.engine import Engine
+from tanglebox.engine import Engine, engine_from_settings
 from tanglebox.model_location import ModelLocation, locate_model
 from tanglebox.prompting import template_names
 from tanglebox.runtime import Runtime
@@ -48,15 +48,7 @@ def preflight(settings: Settings) -> ModelLocation:
 
 
 def build_engine(settings: Settings, location: ModelLocation) -> Engine:
-    backend = load_backend(settings, location)
-    engine = Engine(backend, settings["conversationTemplate"],
-                    default_system_prompt=settings["systemPrompt"],
-                    queue_size=settings["queueSize"],
-                    request_timeout=settings["requestTimeoutSeconds"], seed=settings["seed"],
-                    log_prompts=settings["enableModelDebugOutput"])
-    engine.render_check()
-    engine.start()
-    return engine
+    return engine_from_settings(settings, load_backend(settings, location))
 
 
 def start_loading(runtime: Runtime, location: ModelLocation, exit_on_failure: bool) -> None:

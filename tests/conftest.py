@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tanglebox.engine import Engine  # noqa: E402
+from tanglebox.engine import engine_from_settings  # noqa: E402
 from tanglebox.runtime import Runtime  # noqa: E402
 from tanglebox.settings import load_settings  # noqa: E402
 from tanglebox.web import create_app  # noqa: E402
@@ -40,9 +40,7 @@ def fake_backend() -> FakeBackend:
 @pytest.fixture
 def app(tmp_path, settings_values, fake_backend):
     settings = load_settings(write_settings(tmp_path, **settings_values))
-    engine = Engine(fake_backend, settings["conversationTemplate"],
-                    queue_size=settings["queueSize"])
-    engine.start()
+    engine = engine_from_settings(settings, fake_backend)
     runtime = Runtime(settings)
     runtime.attach_engine(engine)
     app = create_app(settings, runtime)

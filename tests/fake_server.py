@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tanglebox.engine import Engine
+from tanglebox.engine import engine_from_settings
 from tanglebox.runtime import Runtime
 from tanglebox.serving import TangleboxServer, configure_logging
 from tanglebox.settings import load_settings
@@ -20,12 +20,9 @@ class FakeServer(TangleboxServer):
     def load(self):
         from tanglebox.web import create_app
         configure_logging(self.settings)
-        engine = Engine(FakeBackend(**self.fake_options), self.settings["conversationTemplate"],
-                        queue_size=self.settings["queueSize"],
-                        request_timeout=self.settings["requestTimeoutSeconds"])
-        engine.start()
         runtime = Runtime(self.settings)
-        runtime.attach_engine(engine)
+        runtime.attach_engine(engine_from_settings(self.settings,
+                                                   FakeBackend(**self.fake_options)))
         return create_app(self.settings, runtime)
 
 

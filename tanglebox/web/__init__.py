@@ -4,6 +4,9 @@
 - ``api``: ``/conversation``, the original REST contract
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
+
+A ``Refused`` (``Runtime.submit``: maintenance, loading, queue full...) raised in an HTTP view
+is answered here, once for every HTTP surface: its status, its sentence, ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from pathlib import Path
 
 from flask import Flask, Response, request
 from flask_sock import Sock
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, default_exceptions
 
-from tanglebox.runtime import Runtime
+from tanglebox.runtime import Refused, Runtime
 from tanglebox.settings import Settings
 from tanglebox.web import security
 
@@ -38,6 +41,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.json.sort_keys = False
     security.init_app(app)
     app.register_error_handler(HTTPException, error_response)
+    app.register_error_handler(Refused, refusal_response)
 
     from tanglebox.web import api, original_socket, pages, ui_socket
     sock = Sock(app)
@@ -65,4 +69,11 @@ def error_response(error: HTTPException) -> Response:
     for name, value in (error.get_headers() if hasattr(error, "get_headers") else []):
         if name.lower() not in ("content-type", "content-length"):
             response.headers[name] = value
+    return response
+
+
+def refusal_response(refusal: Refused) -> Response:
+    """A request the server will not start now: its status and sentence, and Retry-After."""
+    response = error_response(default_exceptions[refusal.status](refusal.message))
+    response.headers["Retry-After"] = str(refusal.retry_after)
     return response

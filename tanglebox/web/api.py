@@ -6,53 +6,47 @@ The flow of one request, each step refusing with a clear 4xx/503 before any work
    ``GET`` query string; ``POST`` JSON object or form (a ``POST`` with no body
    falls back to its query string). ``text/plain`` and other bodies are refused with 415,
    which also stops cross-site ``enctype=text/plain`` form posts. Over ``maxRequestBytes``: 413.
-2. the API token (:mod:`tanglebox.web.auth`), then maintenance mode (503 + Retry-After);
+2. the API token (:mod:`tanglebox.web.auth`), then the server's state
+   (``Runtime.check_open``): maintenance mode, a model still loading or failed to load, each
+   a 503 + Retry-After;
 3. validation, shared with every other adapter (:func:`build_chat_request`): 400 naming the
    parameter;
-4. ``engine.submit``: 503 + Retry-After at once while loading or when the queue is full;
+4. ``runtime.submit``: 503 + Retry-After at once when the queue is full (or the server is
+   shutting down); a ``Refused`` becomes its HTTP answer in ``tanglebox.web``;
 5. the first event is awaited *before* a status line is sent, so a prompt longer than the
    context is a 400 with the token counts, also for streamed replies;
 6. the events are rendered as the client asked (``Accept`` and ``shouldStreamResponse``):
    ``text/plain`` whole (the original's default) or chunked as generated, ``application/json``
    (one object), or ``text/event-stream`` (``delta``, then ``done`` or ``error`` events).
 
-A client that goes away is noticed at the next event (or within ``DISCONNECT_POLL_SECONDS``
-while nothing is generated), by peeking at its socket and by the failed write that makes
-gunicorn close our response iterator; either way the generation is cancelled and leaves the
-batch at the engine's next step.
+Steps 5 and 6 go through :mod:`tanglebox.web.http_relay`: a client that goes away is noticed
+at the next event (or within the relay's poll while nothing is generated), and the relay
+cancels the generation, which leaves the batch at the engine's next step.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import select
-import socket
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, Mapping, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, request
 from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, ServiceUnavailable,
                                  UnsupportedMediaType)
 
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
-from tanglebox.engine import Delta, Done, EngineStopped, Error, Event, Generation, QueueFull
-from tanglebox.runtime import NotReady, Runtime, current_runtime
-from tanglebox.web.auth import FORM_TYPES, require_token
+from tanglebox.generation import Delta, Done, Error, ErrorCode, Event
+from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
+from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
+from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, final_event, first_event,
+                                      streamed)
+from tanglebox.web.security import origin_listed
 
 blueprint = Blueprint("api", __name__)
+blueprint.before_request(require_api_enabled)
 
 PLAIN, JSON, EVENT_STREAM = "text/plain", "application/json", "text/event-stream"
-LOADING_RETRY_AFTER = 5
-MAINTENANCE_RETRY_AFTER = 60
-SHUTDOWN_RETRY_AFTER = 5
-DISCONNECT_POLL_SECONDS = 0.5
-CLIENT_CLOSED_REQUEST = 499  # nginx's code: logged, never seen by the (absent) client
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-
-
-class ClientGone(Exception):
-    """The HTTP client closed its connection while its reply was being generated."""
 
 
 class StreamFailed(Exception):
@@ -60,18 +54,12 @@ class StreamFailed(Exception):
     the final chunk, so a client cannot mistake the partial reply for a whole one."""
 
 
-@blueprint.before_request
-def refuse_when_disabled() -> None:
-    if not current_runtime().settings["enableApi"]:
-        abort(404)
-
-
 @blueprint.after_request
 def add_cors_headers(response: Response) -> Response:
     """CORS only for origins in ``allowedOrigins``: never ``*``, never credentials."""
     response.vary.add("Origin")
     origin = request.headers.get("Origin")
-    if cors_allowed(origin):
+    if origin_listed(origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
     return response
@@ -86,31 +74,25 @@ def conversation() -> Response:
     params, from_json = read_parameters()
     require_token()
     runtime = current_runtime()
-    if runtime.settings["maintenanceMode"]:
-        raise ServiceUnavailable(runtime.settings["maintenanceMessage"],
-                                 retry_after=MAINTENANCE_RETRY_AFTER)
+    runtime.check_open()
     chat_request, stream = parse_request(params, from_json, runtime)
     reply_type = request.accept_mimetypes.best_match([PLAIN, JSON, EVENT_STREAM]) or PLAIN
-    generation = submit(runtime, chat_request)
-    environ = request.environ
-    try:
-        first = next_event(generation, environ)
-    except ClientGone:
-        generation.cancel()
+    first, events = first_event(runtime.submit(chat_request))
+    if first is None:
         return Response(status=CLIENT_CLOSED_REQUEST)
     if isinstance(first, Error):
         refuse(first)
     model = runtime.model_name
     if reply_type == EVENT_STREAM:
-        return streamed(generation, first, environ, functools.partial(render_sse, model=model),
+        return streamed(first, events, functools.partial(render_sse, model=model),
                         EVENT_STREAM)
     if reply_type == PLAIN and stream:
-        return streamed(generation, first, environ, render_plain, PLAIN)
-    try:
-        done = last_event(generation, first, environ)
-    except ClientGone:
-        generation.cancel()
+        return streamed(first, events, render_plain, PLAIN)
+    done = final_event(first, events)
+    if done is None:
         return Response(status=CLIENT_CLOSED_REQUEST)
+    if isinstance(done, Error):
+        refuse(done)  # the model failed mid-reply: nothing was sent yet
     if reply_type == JSON:
         return jsonify(reply_json(done, model))
     return Response(done.text, mimetype=PLAIN)
@@ -126,7 +108,7 @@ def refuse_cross_site_browsers() -> None:
     Scripts send no such header and are served as before.
     """
     if (request.headers.get("Sec-Fetch-Site") == "cross-site"
-            and not cors_allowed(request.headers.get("Origin"))):
+            and not origin_listed(request.headers.get("Origin"))):
         abort(403, description="Sec-Fetch-Site: requests made by another site's pages are "
                                "not allowed; add its origin to \"allowedOrigins\" in "
                                "settings.json.")
@@ -212,102 +194,18 @@ def parse_request(params: Mapping[str, Any], from_json: bool,
     return chat_request, stream
 
 
-# -- 4. the engine ---------------------------------------------------------------------------
-
-def submit(runtime: Runtime, chat_request: ChatRequest) -> Generation:
-    try:
-        return runtime.ready_engine().submit(chat_request)
-    except NotReady as err:
-        raise ServiceUnavailable(str(err), retry_after=LOADING_RETRY_AFTER) from None
-    except QueueFull as err:
-        raise ServiceUnavailable(str(err), retry_after=err.retry_after) from None
-    except EngineStopped:
-        raise ServiceUnavailable("The server is shutting down; try again in a few seconds.",
-                                 retry_after=SHUTDOWN_RETRY_AFTER) from None
-
+# -- 5. an engine error before the status line ---------------------------------------------
 
 def refuse(error: Error) -> NoReturn:
     """An engine error before anything was sent: the status that says whose fault it is."""
-    if error.code == "prompt_too_long":
+    if error.code == ErrorCode.PROMPT_TOO_LONG:
         abort(400, description=f"userPrompt + conversationHistory: {error.message}")
-    if error.code == "shutdown":
+    if error.code == ErrorCode.SHUTDOWN:
         raise ServiceUnavailable(error.message, retry_after=SHUTDOWN_RETRY_AFTER)
     raise InternalServerError(error.message)
 
 
-def next_event(generation: Generation, environ: dict) -> Event:
-    """The generation's next event; raises ClientGone if the client has left.
-
-    Checked at every event (a zero-timeout ``select``, cheap next to a decode step) and at
-    least every ``DISCONNECT_POLL_SECONDS`` while none comes (a queued or long prompt).
-    """
-    while True:
-        event = generation.next_event(DISCONNECT_POLL_SECONDS)
-        if client_disconnected(environ):
-            raise ClientGone()
-        if event is not None:
-            return event
-
-
-def last_event(generation: Generation, first: Event, environ: dict) -> Done:
-    event = first
-    while not isinstance(event, (Done, Error)):
-        event = next_event(generation, environ)
-    if isinstance(event, Error):
-        refuse(event)
-    return event
-
-
-def client_disconnected(environ: dict) -> bool:
-    """True when the client has closed its connection (gunicorn only; False when unknown).
-
-    A request's body has been read by now, so a readable socket that yields no bytes to a
-    peek is one the client has closed. TLS sockets cannot be peeked at; there the failed
-    write of the next chunk tells instead.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except ValueError:  # an SSL socket refuses recv flags
-        return False
-    except OSError:  # reset by the peer
-        return True
-
-
 # -- 6. rendering ----------------------------------------------------------------------------
-
-def streamed(generation: Generation, first: Event, environ: dict,
-             render: Callable[[Event], str], mimetype: str) -> Response:
-    return Response(stream_events(generation, first, environ, render), mimetype=mimetype,
-                    headers=STREAM_HEADERS)
-
-
-def stream_events(generation: Generation, first: Event, environ: dict,
-                  render: Callable[[Event], str]) -> Iterator[str]:
-    """Yield each rendered event as it comes; cancel the generation if the client leaves.
-
-    gunicorn closes this iterator when a write fails (GeneratorExit at the ``yield``);
-    :func:`next_event` notices a closed connection even before a write fails.
-    """
-    event, finished = first, False
-    try:
-        while True:
-            finished = isinstance(event, (Done, Error))
-            chunk = render(event)
-            if chunk:
-                yield chunk
-            if finished:
-                return
-            event = next_event(generation, environ)
-    except ClientGone:
-        return
-    finally:
-        if not finished:
-            generation.cancel()
-
 
 def render_plain(event: Event) -> str:
     if isinstance(event, Delta):
@@ -342,18 +240,11 @@ def reply_json(done: Done, model: str) -> dict[str, Any]:
 
 # -- CORS ------------------------------------------------------------------------------------
 
-def cors_allowed(origin: str | None) -> bool:
-    if not origin:
-        return False
-    allowed = {o.lower().rstrip("/") for o in current_runtime().settings["allowedOrigins"]}
-    return origin.lower().rstrip("/") in allowed
-
-
 def options_response() -> Response:
     """Answer a CORS preflight for allowed origins; anyone else learns only ``Allow``."""
     response = Response(status=204, headers={"Allow": ALLOWED_METHODS})
     del response.headers["Content-Type"]  # no body
-    if cors_allowed(request.headers.get("Origin")) and request.headers.get(
+    if origin_listed(request.headers.get("Origin")) and request.headers.get(
             "Access-Control-Request-Method"):
         response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Accept"

@@ -1,4 +1,9 @@
-"""API tokens: one way to read a token and one way to check it, for every surface.
+"""Who may use the API: whether it is served at all, and one way to read and check a token.
+
+``enableApi: false`` answers 404 on every API surface (REST, the original socket's handshake)
+through :func:`require_api_enabled`.
+
+API tokens: one way to read a token and one way to check it, for every surface.
 
 REST, the original websocket and any later API all call :func:`request_token` and
 :func:`token_is_valid`, so there is no second path (an alternate header, a socket message)
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from flask import current_app, request
+from flask import abort, current_app, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
@@ -26,6 +31,12 @@ from tanglebox.runtime import current_runtime
 UNAUTHORIZED_MESSAGE = ("token: a valid API token is required. Send it as "
                         "'Authorization: Bearer <token>' or as the 'token' parameter.")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def require_api_enabled() -> None:
+    """404 when ``enableApi`` is off: the API is not there at all."""
+    if not current_runtime().settings["enableApi"]:
+        abort(404)
 
 
 def request_token() -> str | None:

@@ -30,7 +30,8 @@ Conversation, one message at a time, answered in the order received::
 The reply is one message per delta while streaming (the original's default, and ours), or
 one message with the whole reply when ``#-set-streaming-#false``. ``#f-i-n#`` always ends it:
 after an error ("Error: ..." then ``#f-i-n#``), in maintenance mode (the maintenance sentence),
-while the model loads (a loading sentence) and when the queue is full. Messages that arrive
+while the model loads (a loading sentence) and when the queue is full ("Error: ..."); these
+sentences are the ones every surface uses (``Runtime.submit``). Messages that arrive
 while a reply streams wait and are answered after its ``#f-i-n#``.
 
 The socket keeps its conversation: each prompt is sent with the turns before it, and a turn
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flask import Blueprint, abort, request
+from flask import Blueprint, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed, Server
 from wsproto.frame_protocol import CloseReason
@@ -63,19 +64,19 @@ from tanglebox.chat_request import (
     parse_temperature,
     parse_user_prompt,
 )
-from tanglebox.engine import (
-    FINISH_SHUTDOWN,
-    FINISH_TIMEOUT,
+from tanglebox.generation import (
+    ENDED_EARLY,
     Delta,
     Done,
-    EngineStopped,
     Error,
+    ErrorCode,
+    FinishReason,
     Generation,
-    QueueFull,
 )
 from tanglebox.prompting import ASSISTANT, USER, Message
-from tanglebox.runtime import NotReady, Runtime, current_runtime
-from tanglebox.web.auth import request_token, require_token, token_is_valid
+from tanglebox.runtime import Refusal, Refused, Runtime, current_runtime
+from tanglebox.web.auth import (require_api_enabled, request_token, require_token,
+                                token_is_valid)
 
 # Client → server.
 SET_TEMPERATURE = "#-set-temp-#"
@@ -99,9 +100,6 @@ PROMPT_ACK = "#a-c-k#"
 FINISHED = "#f-i-n#"
 PONG = "#-pong-#"
 
-# While no delta arrives (a queued request, a long prompt being processed), look this often
-# whether the client is still there, so a vanished client's generation is cancelled promptly.
-CLIENT_CHECK_SECONDS = 0.25
 # How long a close we start waits for the client's answering close frame.
 CLOSE_HANDSHAKE_SECONDS = 2.0
 
@@ -181,8 +179,7 @@ def register(sock: Sock) -> None:
 
 
 def check_handshake() -> None:
-    if not current_runtime().settings["enableApi"]:
-        abort(404)
+    require_api_enabled()
     if request_token() is not None:
         require_token()  # a token was sent: it must be valid, or 401 before the upgrade
 
@@ -248,19 +245,8 @@ def answer(ws: Server, runtime: Runtime, state: SocketState, message: str,
         authenticate(ws, message)
 
 
-CUT_SHORT = {
-    FINISH_TIMEOUT: "Error: the reply took too long and was stopped "
-                    "(the server's requestTimeoutSeconds).",
-    FINISH_SHUTDOWN: "Error: the server is shutting down; the reply was cut short.",
-}
-
-
-class Refused(Exception):
-    """A prompt the server will not start now; ``sentence`` tells the client why."""
-
-    def __init__(self, sentence: str) -> None:
-        super().__init__(sentence)
-        self.sentence = sentence
+# Said as they are, as the original said its maintenance sentence; other refusals are errors.
+STATE_REFUSALS = (Refusal.MAINTENANCE, Refusal.LOADING, Refusal.LOAD_FAILED)
 
 
 def answer_prompt(ws: Server, runtime: Runtime, state: SocketState, prompt: str,
@@ -270,61 +256,49 @@ def answer_prompt(ws: Server, runtime: Runtime, state: SocketState, prompt: str,
     try:
         generation = submit_prompt(runtime, state, prompt, client_id)
     except Refused as refusal:
-        send(ws, refusal.sentence)
+        send(ws, refusal.message if refusal.reason in STATE_REFUSALS
+             else f"Error: {refusal.message}")
+    except RequestError as err:
+        send(ws, f"Error: {err}")
     else:
         final = relay_reply(ws, generation, state.streaming)
         if isinstance(final, Done):
             if not state.streaming:
                 send(ws, final.text)
-            if final.finish_reason in CUT_SHORT:
-                send(ws, CUT_SHORT[final.finish_reason])
+            if final.finish_reason in (FinishReason.TIMEOUT, FinishReason.SHUTDOWN):
+                send(ws, f"Error: {ENDED_EARLY[final.finish_reason]}")
             state.history += [Message(USER, prompt), Message(ASSISTANT, final.text)]
         else:
             hint = (f" Send {DELETE} to start a new conversation."
-                    if final.code == "prompt_too_long" and state.history else "")
+                    if final.code == ErrorCode.PROMPT_TOO_LONG and state.history else "")
             send(ws, f"Error: {final.message}{hint}")
     send(ws, FINISHED)
 
 
 def submit_prompt(runtime: Runtime, state: SocketState, prompt: str,
                   client_id: str) -> Generation:
-    if runtime.settings["maintenanceMode"]:
-        raise Refused(runtime.settings["maintenanceMessage"])
-    try:
-        engine = runtime.ready_engine()
-        text = parse_user_prompt(prompt, param="prompt")
-        return engine.submit(ChatRequest(
-            messages=(*state.history, Message(USER, text)), system_prompt="",
-            temperature=state.temperature, max_new_tokens=state.max_new_tokens,
-            client_id=client_id))
-    except NotReady as err:
-        raise Refused(str(err)) from None
-    except (RequestError, QueueFull) as err:
-        raise Refused(f"Error: {err}") from None
-    except EngineStopped:
-        raise Refused("Error: the server is shutting down; try again in a minute.") from None
+    """Raises Refused, or RequestError for an empty prompt (the server's state first)."""
+    runtime.check_open()
+    text = parse_user_prompt(prompt, param="prompt")
+    return runtime.submit(ChatRequest(
+        messages=(*state.history, Message(USER, text)), system_prompt="",
+        temperature=state.temperature, max_new_tokens=state.max_new_tokens,
+        client_id=client_id))
 
 
 def relay_reply(ws: Server, generation: Generation, streaming: bool) -> Done | Error:
     """Send the deltas (when streaming) and return the final event.
 
-    If the client goes away first, the generation is cancelled and ConnectionClosed raised.
+    If the client goes away first, the relay cancels the generation and ConnectionClosed is
+    raised.
     """
-    finished = False
-    try:
-        while True:
-            event = generation.next_event(timeout=CLIENT_CHECK_SECONDS)
-            if not ws.connected:
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            if isinstance(event, Delta):
-                if streaming:
-                    send(ws, event.text)
-            elif isinstance(event, (Done, Error)):
-                finished = True
-                return event
-    finally:
-        if not finished:
-            generation.cancel()  # the client left, or this greenlet is being killed
+    for event in generation.relay(lambda: not ws.connected):
+        if isinstance(event, Delta):
+            if streaming:
+                send(ws, event.text)
+        else:
+            return event
+    raise ConnectionClosed(ws.close_reason, ws.close_message)
 
 
 def send(ws: Server, text: str) -> None:

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, jsonify, render_template
 
-from tanglebox.runtime import READY, current_runtime
+from tanglebox.runtime import RuntimeState, current_runtime
 from tanglebox.web.security import allow_framing
 from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation, new_conversation_id
 from tanglebox.web.ui_fragments import ui_context
@@ -23,7 +23,7 @@ blueprint = Blueprint("pages", __name__)
 def health():
     """503 while the model loads (or if it failed), 200 with model and backend when ready."""
     runtime = current_runtime()
-    if runtime.state != READY:
+    if runtime.state != RuntimeState.READY:
         body = {"status": runtime.state, "model": runtime.settings["modelName"]}
         if runtime.load_error:
             body["error"] = runtime.load_error
@@ -31,7 +31,7 @@ def health():
         response.status_code = 503
         response.headers["Retry-After"] = "2"
         return response
-    engine = runtime.ready_engine()
+    engine = runtime.engine
     backend = engine.backend
     return jsonify({
         "status": "ok",

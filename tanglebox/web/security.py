@@ -31,13 +31,22 @@ def is_websocket_handshake() -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
 
 
+def origin_listed(origin: str | None) -> bool:
+    """True when ``origin`` is one of ``allowedOrigins`` (the one rule: case and a trailing
+    slash do not matter); also the rule for CORS."""
+    if not origin:
+        return False
+    allowed = {o.lower().rstrip("/") for o in current_runtime().settings["allowedOrigins"]}
+    return origin.lower().rstrip("/") in allowed
+
+
 def origin_allowed(origin: str | None) -> bool:
     """True for no Origin (not a browser), this server's own origin, or a configured one."""
     if origin is None:
         return True
     own = f"{request.scheme}://{request.host}".lower()
     origin = origin.lower().rstrip("/")
-    if origin == own or origin in (o.lower() for o in current_runtime().settings["allowedOrigins"]):
+    if origin == own or origin_listed(origin):
         return True
     # Behind a TLS-terminating proxy the scheme we see may differ; the host must still match.
     return urlsplit(origin).netloc == request.host.lower() and urlsplit(origin).scheme in (

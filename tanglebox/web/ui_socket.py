@@ -59,27 +59,16 @@ from flask import current_app, request
 from flask_sock import Sock
 
 from tanglebox.chat_request import (
+    ChatRequest,
     RequestError,
-    build_chat_request,
     parse_max_new_tokens,
     parse_system_prompt,
     parse_temperature,
     parse_user_prompt,
 )
-from tanglebox.engine import (
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_SHUTDOWN,
-    FINISH_TIMEOUT,
-    Delta,
-    Done,
-    EngineStopped,
-    Error,
-    Generation,
-    QueueFull,
-)
+from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
-from tanglebox.runtime import NotReady, Runtime, current_runtime
+from tanglebox.runtime import Refused, Runtime, current_runtime
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
@@ -103,18 +92,12 @@ from tanglebox.web.ui_fragments import (
 
 RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
 RENDER_CPU_SHARE = 0.03  # of one core, for re-rendering every streaming reply of this process
-STOP_POLL_SECONDS = 0.1  # while no token comes, how often the socket is checked for a Stop
 TAKEOVER_WAIT_SECONDS = 2.0  # a reconnecting page waits this long for the old reply to end
 IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
 
 BUSY = "A reply is still being written: wait for it, or press Stop."
 FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
                 "maxNewTokens": "Max new tokens", "systemPrompt": "System prompt"}
-FINISH_NOTES = {
-    FINISH_CANCELLED: "Stopped.",
-    FINISH_TIMEOUT: "Stopped: the reply took too long.",
-    FINISH_SHUTDOWN: "Stopped: the server is shutting down.",
-}
 
 
 class RenderPacer:
@@ -141,8 +124,8 @@ class RenderPacer:
 RENDER_PACER = RenderPacer()
 
 
-class Refused(Exception):
-    """A request the socket answers with an error fragment; the message says why."""
+class Unreadable(ValueError):
+    """A client message that is not the chat form's JSON object; the message says so."""
 
 
 def register(sock: Sock) -> None:
@@ -167,10 +150,10 @@ def parse_message(raw: Any) -> dict[str, Any]:
     try:
         message = json.loads(raw)
     except (TypeError, ValueError):
-        raise Refused("The server could not read that message (expected the chat form "
-                      "as JSON).") from None
+        raise Unreadable("The server could not read that message (expected the chat form "
+                         "as JSON).") from None
     if not isinstance(message, dict):
-        raise Refused("The server could not read that message (expected a JSON object).")
+        raise Unreadable("The server could not read that message (expected a JSON object).")
     message.pop("HEADERS", None)
     return message
 
@@ -211,8 +194,8 @@ class ChatSocket:
     def handle(self, raw: Any) -> None:
         try:
             message = parse_message(raw)
-        except Refused as refusal:
-            self.send(error_fragment(str(refusal)))
+        except Unreadable as err:
+            self.send(error_fragment(str(err)))
             return
         action = message.get("action") or "send"
         if action == "send":
@@ -235,12 +218,11 @@ class ChatSocket:
         draft = user_prompt if isinstance(user_prompt, str) else ""
         try:
             prompt = parse_user_prompt(user_prompt)
-            generation = self._submit(self.conversation.history(), prompt)
         except RequestError as err:
             self._refuse(request_error(err), draft)
             return
-        except Refused as refusal:
-            self._refuse(str(refusal), draft)
+        generation = self._submit(self.conversation.history(), prompt, draft)
+        if generation is None:
             return
         turn = self.conversation.add_turn(prompt)
         self.conversation.reply = ReplyInProgress(generation)
@@ -252,10 +234,8 @@ class ChatSocket:
             self._refuse("There is no reply to write again yet.")
             return
         turn = self.conversation.turns[-1]
-        try:
-            generation = self._submit(self.conversation.history(before=turn), turn.prompt)
-        except Refused as refusal:
-            self._refuse(str(refusal))
+        generation = self._submit(self.conversation.history(before=turn), turn.prompt)
+        if generation is None:
             return
         previous = (turn.reply, turn.note)
         turn.reply, turn.note = "", ""
@@ -303,32 +283,22 @@ class ChatSocket:
 
     # -- streaming a reply -------------------------------------------------------------
 
-    def _submit(self, history: list[Message], prompt: str) -> Generation:
-        """Queue a reply; raises Refused (busy, maintenance, loading, queue full)."""
+    def _submit(self, history: list[Message], prompt: str,
+                draft: str = "") -> Generation | None:
+        """Queue a reply with this conversation's settings, or say why not (a reply already
+        being written, maintenance, loading, queue full) and return None."""
         if self.conversation.busy:
-            raise Refused(BUSY)
-        settings = self.runtime.settings
-        if settings["maintenanceMode"]:
-            raise Refused(settings["maintenanceMessage"])
+            self._refuse(BUSY, draft)
+            return None
+        chat = self.conversation.settings  # checked when they were applied
         try:
-            engine = self.runtime.ready_engine()
-        except NotReady as err:
-            raise Refused(str(err)) from None
-        chat = self.conversation.settings
-        chat_request = build_chat_request({
-            "userPrompt": prompt,
-            "conversationHistory": [["Human" if m.role == USER else "AI", m.content]
-                                    for m in history],
-            "systemPrompt": chat.system_prompt,
-            "temperature": chat.temperature,
-            "maxNewTokens": chat.max_new_tokens,
-        }, self.runtime.limits(), self.client_id, from_json=True)
-        try:
-            return engine.submit(chat_request)
-        except QueueFull as err:
-            raise Refused(str(err)) from None
-        except EngineStopped:
-            raise Refused("The server is shutting down; try again in a moment.") from None
+            return self.runtime.submit(ChatRequest(
+                messages=(*history, Message(USER, prompt)), system_prompt=chat.system_prompt,
+                temperature=chat.temperature, max_new_tokens=chat.max_new_tokens,
+                client_id=self.client_id))
+        except Refused as refusal:
+            self._refuse(refusal.message, draft)
+            return None
 
     def _stream(self, turn: Turn, previous: tuple[str, str] | None) -> None:
         """Relay the reply (fragments 2 and 3), watching the socket for Stop or New chat."""
@@ -337,8 +307,7 @@ class ChatSocket:
         last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
         counted = False  # in RENDER_PACER's count from the first token (not while queued)
         try:
-            while True:
-                event = reply.generation.next_event(timeout=STOP_POLL_SECONDS)
+            for event in reply.generation.relay(ticks=True):  # cancels it on a break or a raise
                 if isinstance(event, Delta):
                     text += event.text
                     if not counted:
@@ -359,9 +328,8 @@ class ChatSocket:
             if counted:
                 RENDER_PACER.streaming -= 1
             if outcome is None:  # Stop, New chat, a closed socket, or a reconnect took over
-                reply.generation.cancel()
                 turn.reply = text
-                turn.note = "Stopped." if command else "Interrupted."
+                turn.note = ENDED_EARLY[FinishReason.CANCELLED] if command else "Interrupted."
             self.conversation.reply = None
             reply.finished.set()
         if reply.interrupted:
@@ -387,8 +355,8 @@ class ChatSocket:
                 return ""
             try:
                 message = parse_message(raw)
-            except Refused as refusal:
-                self.send(error_fragment(str(refusal)))
+            except Unreadable as err:
+                self.send(error_fragment(str(err)))
                 continue
             action = message.get("action") or "send"
             if action in ("stop", "new"):
@@ -399,11 +367,11 @@ class ChatSocket:
                 self.send(error_fragment(BUSY))
 
     def _finish_note(self, done: Done) -> str:
-        if done.finish_reason == FINISH_LENGTH:
+        if done.finish_reason == FinishReason.LENGTH:
             return (f"Stopped at the limit of {self.conversation.settings.max_new_tokens} "
                     "new tokens.")
-        if done.finish_reason in FINISH_NOTES:
-            return FINISH_NOTES[done.finish_reason]
+        if done.finish_reason in ENDED_EARLY:
+            return ENDED_EARLY[done.finish_reason]
         return "" if done.text.strip() else "The model gave an empty reply."
 
     def _fail_turn(self, turn: Turn, previous: tuple[str, str] | None, message: str) -> None:

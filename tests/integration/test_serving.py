@@ -28,7 +28,7 @@ from tests.live_server import free_port
 ACK, FIN = "#a-c-k#", "#f-i-n#"
 RECEIVE_DEADLINE = 30
 EXIT_DEADLINE = 40  # gunicorn's graceful timeout (30 s by default) plus a margin
-CUT_SHORT = "Error: the server is shutting down; the reply was cut short."
+CUT_SHORT = "Error: The server is shutting down; the reply was cut short."
 HUGE = 200_000
 
 

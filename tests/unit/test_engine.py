@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from tanglebox.chat_request import ChatRequest
@@ -200,15 +202,30 @@ def test_stop_drains_running_replies_then_refuses_new_work(make_engine):
     assert engine.backend.closed
 
 
+def test_stop_again_returns_at_once_when_the_engine_has_stopped(make_engine):
+    engine = make_engine()
+    engine.start()
+    engine.stop(drain_seconds=600)  # nothing runs: the engine ends at once
+    assert engine.backend.closed
+    again = threading.Thread(target=engine.stop, kwargs={"drain_seconds": 600}, daemon=True)
+    again.start()
+    again.join(timeout=30)  # a deadline, not a wait: the call should return at once
+    assert not again.is_alive(), "a second stop() waited for an engine that had stopped"
+
+
 def test_a_long_prompt_is_read_in_chunks_while_a_reply_streams(make_engine):
-    engine = make_engine(max_sequences=2, batch_tokens=64)
+    # The stream cannot end before the long prompt is read (23,893 tokens, at least 24 s at
+    # the step delay, in a context with room for them): it is cancelled once the prompt is.
+    engine = make_engine(max_sequences=2, batch_tokens=64, context_length=100_000,
+                         step_delay=0.001)
     engine.prefill_chunk = 8
     engine.start()
-    streaming = engine.submit(request("count 100"))
+    streaming = engine.submit(request("count 5000", max_new_tokens=50_000))
     assert isinstance(streaming.next_event(timeout=10), Delta)
     long_text = "echo " + "x" * 200
     assert collect_reply(engine.submit(request(long_text)))[1].text == "x" * 200
-    collect_reply(streaming)
+    streaming.cancel()
+    assert collect_reply(streaming)[1].finish_reason == "cancelled"  # it streamed throughout
     stream_slot = engine.backend.decode_calls[0][0].slot
     reading_steps = [items for items in engine.backend.decode_calls
                      if any(i.slot != stream_slot and len(i.tokens) > 1 for i in items)]

@@ -11,7 +11,7 @@ import pytest
 from simple_websocket import ConnectionClosed
 
 from tanglebox.chat_request import RequestError, parse_max_new_tokens, parse_temperature
-from tanglebox.engine import FINISH_CANCELLED, Done
+from tanglebox.generation import Done, FinishReason
 from tanglebox.runtime import Runtime
 from tanglebox.settings import load_settings
 from tanglebox.web import original_socket
@@ -155,7 +155,7 @@ def test_a_client_gone_mid_reply_cancels_its_generation(runtime, monkeypatch, ho
     (generation,) = submitted
     assert generation.cancelled
     final = list(generation.events())[-1]
-    assert isinstance(final, Done) and final.finish_reason == FINISH_CANCELLED
+    assert isinstance(final, Done) and final.finish_reason == FinishReason.CANCELLED
 
 
 def test_an_unauthenticated_socket_is_closed_after_one_error(runtime):

@@ -147,6 +147,13 @@ def test_the_widget_sends_the_widget_system_prompt(app, fake_backend):
     assert prompt.startswith("<|system|>Answer about Tanglebox.<|end|><|user|>echo hi<|end|>")
 
 
+@pytest.mark.parametrize("settings_values", [{"systemPrompt": "Answer in French."}])
+def test_the_servers_system_prompt_reaches_the_model(app, fake_backend):
+    talk(app, PAGE, {"userPrompt": "echo hi"})
+    [prompt] = model_prompts(fake_backend)
+    assert prompt.startswith("<|system|>Answer in French.<|end|><|user|>echo hi<|end|>")
+
+
 @pytest.mark.parametrize("settings_values", [{"widgetSystemPrompt": "Answer about Tanglebox."}])
 def test_the_page_does_not_use_the_widget_system_prompt(app, fake_backend):
     talk(app, PAGE, {"userPrompt": "echo hi"})
