@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # Cached prompt tokens worth less than keeping the busy slots consecutive: reading 32 prompt
 # tokens again costs about 0.2 s on 2 CPU cores once, a second run of slots about 8 % of every
-# step of every reply while it lasts (python -m tanglebox.bench.batch_order).
+# step of every reply while it lasts (python -m bench.batch_order).
 SLOT_PREFIX_SLACK = 32
 
 MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
