@@ -116,7 +116,10 @@ class ApiTokens:
         """The name the token belongs to, or None if it is not a valid token."""
         if not token or not token.strip():
             return None
-        presented = hashlib.sha256(token.strip().encode("utf-8")).digest()
+        return self.owner_by_digest(hashlib.sha256(token.strip().encode("utf-8")).digest())
+
+    def owner_by_digest(self, presented: bytes) -> str | None:
+        """The name whose token has this SHA-256 digest (a signed-in browser's session)."""
         found = None
         # Compare against every entry, without stopping at a match, so the time taken does
         # not depend on which entry (if any) matched.

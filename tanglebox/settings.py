@@ -104,6 +104,12 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=-1),
     Setting("apiTokensFile", "apiTokens.txt", str,
             "Token file (`name:token` lines, or hashed `name:sha256:hex`), relative to settings.json."),
+    Setting("uiRequiresToken", "auto", str,
+            "The chat UI asks for an API token (a sign-in page, then a session cookie): `auto` "
+            "follows `isApiTokensRequired`, `yes`, `no`.", choices=("auto", "yes", "no")),
+    Setting("widgetOpen", False, bool,
+            "Serve `/widget` and its socket without a sign-in even when the UI asks for one "
+            "(a public widget: anyone can chat through it)."),
     Setting("maxRequestBytes", 1048576, int, "Largest request body or socket message.",
             minimum=1024),
     Setting("allowedOrigins", [], list,

@@ -1,6 +1,7 @@
 """The Flask application factory: one blueprint (or socket route) per surface.
 
 - ``pages``: the chat UI at ``/``, the widget at ``/widget``, ``/health``
+- ``signin``: ``/signin``, when the chat UI asks for an API token
 - ``api``: ``/conversation``, the original REST contract
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
@@ -43,7 +44,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)
 
-    from tanglebox.web import api, original_socket, pages, ui_socket
+    from tanglebox.web import api, original_socket, pages, signin, ui_socket
+    signin.init_app(app)
     sock = Sock(app)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(api.blueprint)

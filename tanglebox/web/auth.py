@@ -57,7 +57,7 @@ def token_is_valid(token: str | None) -> bool:
     settings = current_runtime().settings
     if not settings["isApiTokensRequired"]:
         return True
-    return _api_tokens().is_valid(token)
+    return api_tokens().is_valid(token)
 
 
 def require_token() -> None:
@@ -67,7 +67,7 @@ def require_token() -> None:
                            www_authenticate=WWWAuthenticate("bearer", {"realm": "tanglebox"}))
 
 
-def _api_tokens() -> ApiTokens:
+def api_tokens() -> ApiTokens:
     # One per app (not a module global), so tests can run several apps in one process.
     tokens = current_app.extensions.get("tanglebox.api_tokens")
     if tokens is None:

@@ -13,6 +13,7 @@ from flask import Blueprint, jsonify, render_template
 
 from tanglebox.runtime import RuntimeState, current_runtime
 from tanglebox.web.security import allow_framing
+from tanglebox.web.signin import signed_in, ui_requires_token
 from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation, new_conversation_id
 from tanglebox.web.ui_fragments import ui_context
 
@@ -73,4 +74,5 @@ def _chat_page_context(surface: str) -> dict:
                                                "surface": surface}),
         "maintenance_message": settings["maintenanceMessage"] if settings["maintenanceMode"]
         else "",
+        "signed_in": ui_requires_token() and signed_in(),
     }

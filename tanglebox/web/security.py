@@ -86,7 +86,10 @@ def _add_security_headers(response: Response) -> Response:
         "img-src 'self' data:", "connect-src 'self'", "object-src 'none'",
         "base-uri 'none'", "form-action 'self'", f"frame-ancestors {frame_ancestors}")))
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Not no-referrer: under it a browser's form POST carries "Origin: null" (Fetch's request
+    # origin serialization), which the Origin check refuses (the sign-in form). same-origin
+    # still sends nothing to other sites.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     if frame_ancestors == "'none'":
         response.headers.setdefault("X-Frame-Options", "DENY")
     return response

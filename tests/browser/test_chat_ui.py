@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,12 +27,9 @@ sync_api = pytest.importorskip("playwright.sync_api",
 expect = sync_api.expect
 expect.set_options(timeout=15_000)  # a bound for failing on a busy CI machine, not a speed goal
 
+from tests.browser.conftest import DESKTOP, PHONE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 375, "height": 667}
 REPLY_DEADLINE_MS = 30_000  # a bound for failing, not a speed requirement
 REAL_MODEL_DEADLINE_MS = 180_000  # the real model on 2 busy cores (CI runs other jobs too)
 
@@ -67,17 +63,6 @@ WIDE_REPLY = ("echo A long line: " + "x" * 300 + "\n\nhttps://example.com/" + "a
 
 
 # -- fixtures --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def browser():
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install "
-                    "chromium) to run the browser tests")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
 
 class StaticSite:
     """Another origin on this machine: a tiny http.server serving one folder."""
@@ -121,29 +106,6 @@ def server(tmp_path_factory, embedding_sites):
         f'<iframe src="{server.url}/widget" title="Chat" width="380" height="560"></iframe>')
     yield server
     server.stop()
-
-
-@pytest.fixture
-def open_page(browser):
-    """``open_page(url, viewport=..., color_scheme=...)``: a fresh context, console watched."""
-    contexts, problems = [], []
-
-    def open_(url: str, viewport: dict = DESKTOP, color_scheme: str = "light",
-              device_scale_factor: float = 1):
-        context = browser.new_context(viewport=viewport, color_scheme=color_scheme,
-                                      device_scale_factor=device_scale_factor)
-        context.grant_permissions(["clipboard-read", "clipboard-write"])
-        contexts.append(context)
-        page = context.new_page()
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.goto(url)
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
-    assert problems == [], "the browser console reported errors (CSP violations included)"
 
 
 def connected(page):
