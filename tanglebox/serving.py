@@ -42,7 +42,12 @@ def preflight(settings: Settings) -> ModelLocation:
         raise SettingsError(f"{settings.path.name}: \"conversationTemplate\" is \"{template}\", "
                             f"which is not in conversation_templates.py; choose one of "
                             f"{', '.join(template_names())}")
-    location = locate_model(settings)
+    try:
+        location = locate_model(settings)
+    except OSError as err:  # a name too long for the file system, a folder it may not read
+        raise SettingsError(f"{settings.path.name}: \"modelName\" cannot be checked "
+                            f"({err.strerror}); give a .gguf file or a transformers model folder") \
+            from None
     check_device(settings, location)
     return location
 
