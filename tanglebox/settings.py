@@ -26,6 +26,12 @@ EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 MAX_SETTINGS_FILE_BYTES = 4 * 1024 * 1024
 SHOWN_VALUE_CHARS = 80  # of a wrong value, in the error line
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can escape one; UTF-8 cannot hold it
+# An origin as browsers send it: scheme, host name or [IPv6], optional port. No `*`: a
+# wildcard would let any site in (README: the widget), and no `;` or spaces, which would
+# reach the Content-Security-Policy header.
+ORIGIN = re.compile(r"https?://"
+                    r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])"  # name or [IPv6]
+                    r"(?::[0-9]{1,5})?")
 
 
 class SettingsError(Exception):
@@ -267,10 +273,10 @@ def _check_combinations(settings: Settings) -> None:
             raise SettingsError(f"{where}: \"{key}\" names {v[key]}, which does not exist")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
-            if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            if not ORIGIN.fullmatch(origin):
                 raise SettingsError(f"{where}: \"{key}\" entries must be origins like "
-                                    f"https://example.com (scheme and host, no path, no *); "
-                                    f"got {_shown(origin)}")
+                                    f"https://example.com (scheme, host and port only: no path, "
+                                    f"no *); got {_shown(origin)}")
 
 
 def _setting_for_env(name: str) -> Setting | None:

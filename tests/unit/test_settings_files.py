@@ -9,6 +9,7 @@ import pytest
 
 from tanglebox.settings import SettingsError, load_settings
 from tests.commands import MAX_LINE, one_error_line, run_app
+from tests.live_server import free_port
 
 
 @pytest.mark.parametrize("content, message", [
@@ -85,3 +86,32 @@ def test_an_environment_variable_of_any_text_names_itself(tmp_path, variable, ra
         load_settings(tmp_path / "settings.json", environ={variable: raw})
     assert str(error.value).startswith(variable) and message in str(error.value)
     assert len(str(error.value)) < MAX_LINE
+
+
+@pytest.mark.parametrize("origin", [
+    "*", "https://*", "https://*.example.com", "http://*:8080", "https://example.com/",
+    "https://example.com/path", "example.com", "https://a.example.com; script-src *",
+    "https://a.example.com;script-src", "https://exa mple.com", "ftp://example.com",
+])
+@pytest.mark.parametrize("key", ["widgetAllowedOrigins", "allowedOrigins"])
+def test_an_origin_setting_takes_origins_only_never_a_wildcard(tmp_path, key, origin):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({key: ["https://docs.example.com", origin]}))
+    with pytest.raises(SettingsError, match=f'"{key}" entries must be origins like'):
+        load_settings(path, environ={})
+
+
+def test_origins_with_a_port_or_an_ip_address_are_accepted(tmp_path):
+    origins = ["https://docs.example.com", "http://127.0.0.1:8080", "http://[::1]:8080",
+               "https://xn--caf-dma.example"]
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"widgetAllowedOrigins": origins, "allowedOrigins": origins}))
+    settings = load_settings(path, environ={})
+    assert settings["widgetAllowedOrigins"] == origins == settings["allowedOrigins"]
+
+
+def test_a_widget_wildcard_stops_python_app_py(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"widgetAllowedOrigins": ["https://*"], "port": free_port()}))
+    one_error_line(run_app(tmp_path, path), '"widgetAllowedOrigins" entries must be origins',
+                    "no *", 'got "https://*"')
