@@ -4,8 +4,8 @@
 one worker per model (the model lives in the worker process). The worker starts listening at
 once and loads the model on a native thread; ``/health`` answers 503 "loading" until the
 engine is ready. Everything that can be checked before loading (settings, the model path, the
-template name, the device) is checked first, so a mistake is one line and exit status 2, with
-no half-started server.
+template name, the device, the token file) is checked first, so a mistake is one line and exit
+status 2, with no half-started server.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from tanglebox import handoff
+from tanglebox.api_tokens import TokenFileError, read_token_text
 from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine
 from tanglebox.model_location import ModelLocation, locate_model
@@ -49,6 +50,11 @@ def preflight(settings: Settings) -> ModelLocation:
                             f"({err.strerror}); give a .gguf file or a transformers model folder") \
             from None
     check_device(settings, location)
+    if settings["isApiTokensRequired"]:
+        try:
+            read_token_text(settings.relative_path(settings["apiTokensFile"]))
+        except TokenFileError as err:
+            raise SettingsError(f"{settings.path.name}: \"apiTokensFile\": {err}") from None
     return location
 
 
