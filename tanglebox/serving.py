@@ -4,8 +4,9 @@
 one worker per model (the model lives in the worker process). The worker starts listening at
 once and loads the model on a native thread; ``/health`` answers 503 "loading" until the
 engine is ready. Everything that can be checked before loading (settings, the model path, the
-template name, the device, the token file) is checked first, so a mistake is one line and exit
-status 2, with no half-started server.
+template name, the device, the token file; ``python app.py`` then checks its address and TLS
+files, :mod:`tanglebox.listener`) is checked first, so a mistake is one line and exit status 2,
+with no half-started server.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tanglebox import handoff
 from tanglebox.api_tokens import TokenFileError, read_token_text
 from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine
+from tanglebox.listener import tls_context_or_stop
 from tanglebox.model_location import ModelLocation, locate_model
 from tanglebox.prompting import template_names
 from tanglebox.runtime import Runtime
@@ -124,6 +126,7 @@ class TangleboxServer(BaseApplication):
         if s["useSsl"]:
             config["certfile"] = str(s.relative_path(s["sslCertFile"]))
             config["keyfile"] = str(s.relative_path(s["sslKeyFile"]))
+            config["ssl_context"] = tls_context_or_stop
         for key, value in config.items():
             self.cfg.set(key, value)
         self._apply_gunicorn_cmd_args()

@@ -268,9 +268,6 @@ def _check_combinations(settings: Settings) -> None:
     if v["useSsl"] and not (v["sslCertFile"] and v["sslKeyFile"]):
         raise SettingsError(f"{where}: \"useSsl\" needs \"sslCertFile\" and \"sslKeyFile\" "
                             "(PEM files, relative to settings.json)")
-    for key in ("sslCertFile", "sslKeyFile"):
-        if v["useSsl"] and not settings.relative_path(v[key]).is_file():
-            raise SettingsError(f"{where}: \"{key}\" names {v[key]}, which does not exist")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
             if not ORIGIN.fullmatch(origin):
