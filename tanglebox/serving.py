@@ -22,6 +22,7 @@ from tanglebox import handoff
 from tanglebox.api_tokens import TokenFileError, read_token_text
 from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine
+from tanglebox.gunicorn_logging import ScrubbingLogger
 from tanglebox.listener import tls_context_or_stop
 from tanglebox.model_location import ModelLocation, locate_model
 from tanglebox.prompting import template_names
@@ -116,6 +117,7 @@ class TangleboxServer(BaseApplication):
             "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
             "timeout": 120,
             "loglevel": "warning",
+            "logger_class": ScrubbingLogger,  # no query string (no token) in the error log
             "accesslog": "-" if s["enableWebLogOutput"] else None,
             "access_log_format": ACCESS_LOG_FORMAT,
             "post_fork": self.crashes.post_fork,

@@ -1,15 +1,47 @@
-"""What Tanglebox sets in gunicorn, on a live server: TLS files that fail in the worker stop the
-server with one line instead of a restart loop."""
+"""What Tanglebox sets in gunicorn, on a live server: the error log never shows a token, and TLS
+files that fail in the worker stop the server with one line instead of a restart loop."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
-from tests.live_server import free_port
+from tests.live_server import free_port, wait_until
+
+SECRET = "tbx_secret-in-the-query"
+
+
+def send_raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is (requests would refuse to) and read the answer to the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("request_bytes", [
+    f"GET /conversation?userPrompt=hi&token={SECRET}\x01 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    f"GET /conversation token={SECRET} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization Bearer {SECRET}\r\n\r\n".encode(),
+], ids=["control-byte", "space-in-target", "header-without-colon"])
+@pytest.mark.parametrize("web_log", [False, True], ids=["quiet", "enableWebLogOutput"])
+def test_a_request_gunicorn_cannot_parse_is_logged_without_its_token(fake_server, request_bytes,
+                                                                     web_log):
+    server = fake_server.start(fake={}, enableWebLogOutput=web_log)
+    answer = send_raw(server.port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    log = wait_until(lambda: "Invalid request from ip=" in (text := server.log()) and text,
+                     what="gunicorn logs the request it refused")
+    assert SECRET not in log
+    assert "[hidden]" in log, log
 
 
 def test_tls_files_that_fail_in_the_worker_stop_the_server_with_one_line(tmp_path):
