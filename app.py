@@ -1,9 +1,9 @@
 """Run Tanglebox: ``python app.py [--settings PATH] [--port N] [--model-path PATH] [--device D]
 [--cpu-ggml] [--host H]``.
 
-Checks the settings and the model first, then lets the model generate a few tokens in a child
-process (``tanglebox.self_check``: a native crash is caught there); a mistake is one line on
-stderr and exit status 2. Then it serves with gunicorn's gevent worker, the same stack as
+Checks the settings, the model, the address and the TLS files first, then lets the model
+generate a few tokens in a child process (``tanglebox.self_check``: a native crash is caught
+there); a mistake is one line on stderr and exit status 2. Then it serves with gunicorn's gevent worker, the same stack as
 production (README: Deployment).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tanglebox.listener import check_listener
 from tanglebox.self_check import run_self_check
 from tanglebox.serving import TangleboxServer, WORKER_BOOT_ERROR, preflight
 from tanglebox.settings import SettingsError, load_settings
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.settings, overrides_from(args))
         location = preflight(settings)
+        check_listener(settings)
         if settings.created:
             print(f"tanglebox: wrote {args.settings} with the default settings", file=sys.stderr)
         elif settings.filled_in:

@@ -16,7 +16,11 @@ Rules, each chosen so that a mistake in the file refuses access rather than gran
 - blank lines, ``#`` comments, the header, and a token that is literally ``TOKEN`` (the
   header's placeholder, which the original also skipped) never match anything;
 - a line that is not ``name:token`` is ignored and logged by line number, never by content;
-- a missing file means every token is refused.
+- a missing file means every token is refused;
+- a file that cannot be read as UTF-8 text (a folder, no permission, another encoding) stops
+  the server at start-up with one line, and while it runs answers every request that needs a
+  token with 503 (:class:`TokenFileUnreadable`) and one log line for the operator: the client
+  is not told its token is wrong when the server is at fault.
 
 The server keeps an :class:`ApiTokens` and asks it on every request; it re-reads the file when
 its modification time, size or inode change, so ``python -m tanglebox tokens add`` (or an
@@ -37,6 +41,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from werkzeug.exceptions import ServiceUnavailable
+
 log = logging.getLogger(__name__)
 
 HEADER = "format-of-file=username:TOKEN"
@@ -45,10 +51,23 @@ PLACEHOLDER = "TOKEN"  # the header's example value; never a real token
 TOKEN_PREFIX = "tbx_"  # makes leaked tokens easy to recognise for secret scanners
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+UNREADABLE_RETRY_AFTER = 60  # seconds: the operator has to fix the file
 
 
 class TokenFileError(Exception):
-    """A token file operation the user must fix (a bad name, a duplicate, an unknown name)."""
+    """A token file operation the user must fix (a bad name, a duplicate, an unknown name,
+    a file that cannot be read)."""
+
+
+class TokenFileUnreadable(ServiceUnavailable):
+    """A request needs a token, and the token file cannot be read: 503.
+
+    An HTTP exception, so REST and socket handshakes answer it as they are; a check made inside
+    an open websocket has to catch it and say it there.
+    """
+
+    description = ("The server cannot read its API token file, so no token can be checked; "
+                   "its operator must fix it (the server's log says how). Try again later.")
 
 
 @dataclass(frozen=True)
@@ -95,13 +114,27 @@ def parse_token_file(text: str, source: str = "the token file") -> list[TokenEnt
     return entries
 
 
+def read_token_text(path: Path) -> str:
+    """The text of the file at ``path`` ("" when it does not exist); a TokenFileError says why
+    it cannot be read, by line number, never by content."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as err:
+        raise TokenFileError(f"{path} cannot be read ({err.strerror}); it must be a text file "
+                             "of name:token lines") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise TokenFileError(f"{path}, line {line}, is not UTF-8 text; save the file as UTF-8") \
+            from None
+
+
 def read_token_file(path: Path) -> list[TokenEntry]:
     """The entries of the file at ``path``; none when it does not exist."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return parse_token_file(text, source=str(path))
+    return parse_token_file(read_token_text(path), source=str(path))
 
 
 class ApiTokens:
@@ -111,9 +144,13 @@ class ApiTokens:
         self.path = Path(path)
         self._entries: list[TokenEntry] = []
         self._fingerprint: tuple | None = ()  # () = never read; None = file missing
+        self._unreadable = False
 
     def owner(self, token: str | None) -> str | None:
-        """The name the token belongs to, or None if it is not a valid token."""
+        """The name the token belongs to, or None if it is not a valid token.
+
+        Raises TokenFileUnreadable when a token was given and the file cannot be read.
+        """
         if not token or not token.strip():
             return None
         return self.owner_by_digest(hashlib.sha256(token.strip().encode("utf-8")).digest())
@@ -137,19 +174,29 @@ class ApiTokens:
             fingerprint = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except FileNotFoundError:
             fingerprint = None
-        except OSError as err:
-            log.error("API tokens: cannot read %s (%s); every token is refused", self.path,
-                      err.strerror)
-            return []
-        if fingerprint != self._fingerprint:
+        except OSError as err:  # e.g. a folder on the way that may not be read
+            fingerprint = ("stat failed", err.errno)
+        if fingerprint != self._fingerprint:  # read, and log, once per change of the file
             self._fingerprint = fingerprint
-            self._entries = read_token_file(self.path) if fingerprint else []
-            if fingerprint is None:
-                log.warning("API tokens: %s does not exist, so every token is refused; "
-                            "create one with: python -m tanglebox tokens add NAME", self.path)
-            else:
-                log.info("API tokens: loaded %d from %s", len(self._entries), self.path)
+            self._reload(exists=fingerprint is not None)
+        if self._unreadable:
+            raise TokenFileUnreadable(retry_after=UNREADABLE_RETRY_AFTER)
         return self._entries
+
+    def _reload(self, exists: bool) -> None:
+        self._entries, self._unreadable = [], False
+        if not exists:
+            log.warning("API tokens: %s does not exist, so every token is refused; "
+                        "create one with: python -m tanglebox tokens add NAME", self.path)
+            return
+        try:
+            self._entries = read_token_file(self.path)
+        except TokenFileError as err:
+            self._unreadable = True
+            log.error("API tokens: %s. Until it is fixed, requests that need a token are "
+                      "answered 503", err)
+            return
+        log.info("API tokens: loaded %d from %s", len(self._entries), self.path)
 
 
 def add_token(path: Path, name: str, hashed: bool = False) -> str:
@@ -191,10 +238,7 @@ def _is_entry_for(line: str, name: str) -> bool:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
+    return read_token_text(path).splitlines()
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

@@ -3,16 +3,24 @@
 ``gunicorn -c python:tanglebox.gunicorn_conf -b 127.0.0.1:8080 'tanglebox.serving:production_app()'``
 gives the same stack as ``python app.py``: one gevent worker (the model lives in it), the
 engine stopped when the worker exits, and the crash guard (``tanglebox.worker_crashes``): a
-worker that keeps crashing stops the server with one line instead of being restarted forever.
-gunicorn reads this module once, in the master, before it forks the worker.
+worker that keeps crashing stops the server with one line instead of being restarted forever,
+as does one that cannot load ``--certfile``/``--keyfile``. Neither log shows a query string
+(where the original's clients send their token): the access log (``--access-logfile``) writes
+the path only, as ``python app.py`` does. gunicorn reads this module once, in the master,
+before it forks the worker.
 """
 
-from tanglebox.serving import GRACEFUL_TIMEOUT_SECONDS, stop_engine
+from tanglebox.gunicorn_logging import ScrubbingLogger
+from tanglebox.listener import tls_context_or_stop
+from tanglebox.serving import ACCESS_LOG_FORMAT, GRACEFUL_TIMEOUT_SECONDS, stop_engine
 from tanglebox.worker_crashes import WorkerCrashes
 
 worker_class = "gevent"
 workers = 1  # one worker per model: the model lives in the process
 graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+logger_class = ScrubbingLogger
+access_log_format = ACCESS_LOG_FORMAT
+ssl_context = tls_context_or_stop
 
 _crashes = WorkerCrashes()
 post_fork = _crashes.post_fork

@@ -4,8 +4,9 @@
 one worker per model (the model lives in the worker process). The worker starts listening at
 once and loads the model on a native thread; ``/health`` answers 503 "loading" until the
 engine is ready. Everything that can be checked before loading (settings, the model path, the
-template name, the device) is checked first, so a mistake is one line and exit status 2, with
-no half-started server.
+template name, the device, the token file; ``python app.py`` then checks its address and TLS
+files, :mod:`tanglebox.listener`) is checked first, so a mistake is one line and exit status 2,
+with no half-started server.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from tanglebox import handoff
+from tanglebox.api_tokens import TokenFileError, read_token_text
 from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine, engine_from_settings
+from tanglebox.gunicorn_logging import ScrubbingLogger
+from tanglebox.listener import tls_context_or_stop
 from tanglebox.model_location import ModelLocation, locate_model
 from tanglebox.prompting import template_names
 from tanglebox.runtime import Runtime
@@ -42,8 +46,18 @@ def preflight(settings: Settings) -> ModelLocation:
         raise SettingsError(f"{settings.path.name}: \"conversationTemplate\" is \"{template}\", "
                             f"which is not in conversation_templates.py; choose one of "
                             f"{', '.join(template_names())}")
-    location = locate_model(settings)
+    try:
+        location = locate_model(settings)
+    except OSError as err:  # a name too long for the file system, a folder it may not read
+        raise SettingsError(f"{settings.path.name}: \"modelName\" cannot be checked "
+                            f"({err.strerror}); give a .gguf file or a transformers model folder") \
+            from None
     check_device(settings, location)
+    if settings["isApiTokensRequired"]:
+        try:
+            read_token_text(settings.relative_path(settings["apiTokensFile"]))
+        except TokenFileError as err:
+            raise SettingsError(f"{settings.path.name}: \"apiTokensFile\": {err}") from None
     return location
 
 
@@ -95,6 +109,7 @@ class TangleboxServer(BaseApplication):
             "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
             "timeout": 120,
             "loglevel": "warning",
+            "logger_class": ScrubbingLogger,  # no query string (no token) in the error log
             "accesslog": "-" if s["enableWebLogOutput"] else None,
             "access_log_format": ACCESS_LOG_FORMAT,
             "post_fork": self.crashes.post_fork,
@@ -105,6 +120,7 @@ class TangleboxServer(BaseApplication):
         if s["useSsl"]:
             config["certfile"] = str(s.relative_path(s["sslCertFile"]))
             config["keyfile"] = str(s.relative_path(s["sslKeyFile"]))
+            config["ssl_context"] = tls_context_or_stop
         for key, value in config.items():
             self.cfg.set(key, value)
         self._apply_gunicorn_cmd_args()

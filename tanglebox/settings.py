@@ -6,7 +6,8 @@ environment variables (``TANGLEBOX_`` + the key in upper snake case, e.g.
 test, so a setting added here without documentation fails the suite.
 
 A wrong value is a :class:`SettingsError` whose message names the key and the file; ``app.py``
-prints it on one line and exits with status 2.
+prints it on one line and exits with status 2. Every JSON text (the file, a variable's value)
+is decoded by :func:`parse_json`, so a file of any bytes is either settings or that one line.
 """
 
 from __future__ import annotations
@@ -15,11 +16,22 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+# A settings file is a few kB. The cap makes a wrong file (a model, /dev/zero) one line too.
+MAX_SETTINGS_FILE_BYTES = 4 * 1024 * 1024
+SHOWN_VALUE_CHARS = 80  # of a wrong value, in the error line
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can escape one; UTF-8 cannot hold it
+# An origin as browsers send it: scheme, host name or [IPv6], optional port. No `*`: a
+# wildcard would let any site in (README: the widget), and no `;` or spaces, which would
+# reach the Content-Security-Policy header.
+ORIGIN = re.compile(r"https?://"
+                    r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])"  # name or [IPv6]
+                    r"(?::[0-9]{1,5})?")
 
 
 class SettingsError(Exception):
@@ -148,7 +160,11 @@ class Settings:
 
     def relative_path(self, value: str) -> Path:
         """A path setting resolved against the folder of settings.json."""
-        path = Path(value).expanduser()
+        path = Path(value)
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # ~user of no such user: then it is a plain name
+            pass
         return path if path.is_absolute() else self.path.parent / path
 
 
@@ -169,15 +185,10 @@ def load_settings(path: str | os.PathLike | None = None,
     path = Path(path or "settings.json")
     values = defaults()
     filled_in: list[str] = []
-    loaded_from_file = path.exists()
+    data = _read_settings_file(path)
+    loaded_from_file = data is not None
     if loaded_from_file:
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise SettingsError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): "
-                                f"{err.msg}") from None
-        except OSError as err:
-            raise SettingsError(f"{path}: cannot be read: {err.strerror}") from None
+        loaded = parse_json(data, where=str(path))
         if not isinstance(loaded, dict):
             raise SettingsError(f"{path}: must hold a JSON object of settings")
         for key, value in loaded.items():
@@ -199,6 +210,29 @@ def load_settings(path: str | os.PathLike | None = None,
     return settings
 
 
+def parse_json(data: bytes | str, where: str) -> Any:
+    """Decode JSON, or raise a SettingsError naming ``where`` and what to change.
+
+    Bytes may be UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32, as Windows
+    editors save them; ``json`` tells them apart (RFC 4627, section 3).
+    """
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{where}: not valid JSON (line {err.lineno}, column {err.colno}): "
+                            f"{err.msg}") from None
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1 if isinstance(data, bytes) else 1
+        raise SettingsError(f"{where}: line {line} is not UTF-8 text; save the file as UTF-8") \
+            from None
+    except RecursionError:
+        raise SettingsError(f"{where}: nested too deeply to read; settings are one object of "
+                            "plain values") from None
+    except ValueError:  # the only other one: Python's limit on the digits of an integer
+        raise SettingsError(f"{where}: holds a number of more than {sys.get_int_max_str_digits()} "
+                            "digits; no setting takes one that long") from None
+
+
 def check_value(key: str, value: Any, source: str) -> Any:
     """Return ``value`` if it suits setting ``key``; else raise a SettingsError saying why."""
     setting = SETTINGS_BY_KEY.get(key)
@@ -211,18 +245,24 @@ def check_value(key: str, value: Any, source: str) -> Any:
     # bool is an int in Python, and JSON true must not pass for a number.
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise SettingsError(f"{source}: \"{key}\" must be {_kind_name(kinds)}, "
-                            f"got {json.dumps(value)}")
+                            f"got {_shown(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise SettingsError(f"{source}: \"{key}\" must be a finite number")
     if setting.choices and value not in setting.choices:
         raise SettingsError(f"{source}: \"{key}\" must be one of "
-                            f"{', '.join(setting.choices)}; got {json.dumps(value)}")
+                            f"{', '.join(setting.choices)}; got {_shown(value)}")
     if setting.minimum is not None and value < setting.minimum:
-        raise SettingsError(f"{source}: \"{key}\" must be at least {setting.minimum:g}, got {value}")
+        raise SettingsError(f"{source}: \"{key}\" must be at least {setting.minimum:g}, "
+                            f"got {_shown(value)}")
     if setting.maximum is not None and value > setting.maximum:
-        raise SettingsError(f"{source}: \"{key}\" must be at most {setting.maximum:g}, got {value}")
+        raise SettingsError(f"{source}: \"{key}\" must be at most {setting.maximum:g}, "
+                            f"got {_shown(value)}")
     if kinds == (list,) and not all(isinstance(item, str) for item in value):
         raise SettingsError(f"{source}: \"{key}\" must be a list of strings")
+    texts = value if kinds == (list,) else [value] if isinstance(value, str) else []
+    if any(LONE_SURROGATE.search(text) for text in texts):
+        raise SettingsError(f"{source}: \"{key}\" holds a lone surrogate (an escape such as "
+                            "\\ud800, half of a character); write the character itself")
     return value
 
 
@@ -234,15 +274,12 @@ def _check_combinations(settings: Settings) -> None:
     if v["useSsl"] and not (v["sslCertFile"] and v["sslKeyFile"]):
         raise SettingsError(f"{where}: \"useSsl\" needs \"sslCertFile\" and \"sslKeyFile\" "
                             "(PEM files, relative to settings.json)")
-    for key in ("sslCertFile", "sslKeyFile"):
-        if v["useSsl"] and not settings.relative_path(v[key]).is_file():
-            raise SettingsError(f"{where}: \"{key}\" names {v[key]}, which does not exist")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
-            if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            if not ORIGIN.fullmatch(origin):
                 raise SettingsError(f"{where}: \"{key}\" entries must be origins like "
-                                    f"https://example.com (scheme and host, no path, no *); "
-                                    f"got {json.dumps(origin)}")
+                                    f"https://example.com (scheme, host and port only: no path, "
+                                    f"no *); got {_shown(origin)}")
 
 
 def _setting_for_env(name: str) -> Setting | None:
@@ -259,10 +296,9 @@ def _parse_env(setting: Setting, raw: str) -> Any:
     if str in kinds:
         return raw
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+        return parse_json(raw, where=env_name(setting.key))
+    except SettingsError:
         return raw  # check_value then reports the wrong type, naming the variable
-    return value
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -271,6 +307,31 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     if float in kinds:
         return "a number"
     return " or ".join(names[k] for k in kinds)
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as JSON, cut short: the error stays one readable line."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):  # a number too long to print, or a deep list
+        text = type(value).__name__
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS] + "..."
+
+
+def _read_settings_file(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no file."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_SETTINGS_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise SettingsError(f"{path}: cannot be read ({err.strerror}); give --settings a "
+                            "readable JSON file") from None
+    if len(data) > MAX_SETTINGS_FILE_BYTES:
+        raise SettingsError(f"{path}: larger than {MAX_SETTINGS_FILE_BYTES // 1024 // 1024} MB, "
+                            "so not a settings file; give --settings the JSON file of settings")
+    return data
 
 
 def _copy(value: Any) -> Any:
