@@ -6,8 +6,9 @@ and the server flips between "loading" and a dead connection for as long as it r
 
 - each worker, once forked, points ``faulthandler`` at a file the master made: a native crash
   writes "Fatal Python error: Segmentation fault" and every thread's stack there;
-- a worker that exits in order (SIGTERM, a reload) writes its pid to a second file from its
-  ``worker_exit`` hook, which a crash never reaches;
+- a worker that exits in order (SIGTERM, a reload: ``sys.exit(0)``) writes its pid to a second
+  file from its ``worker_exit`` hook, which a native crash never reaches; a worker that ends
+  with an exception writes the exception where faulthandler writes;
 - the master's ``child_exit`` hook counts the other exits: each is one line on stderr naming
   the crash (from the faulthandler dump, or "killed" when there is none, as for the kernel's
   out-of-memory kill); at ``CRASH_LIMIT`` crashes within ``CRASH_WINDOW_SECONDS`` it halts the
@@ -53,7 +54,16 @@ class WorkerCrashes:
         faulthandler.enable(file=self._dumps, all_threads=True)
 
     def worker_exit(self, server, worker) -> None:
-        os.write(self._orderly.fileno(), f"{os.getpid()}\n".encode())
+        # gunicorn calls this in a ``finally`` around the worker's life, while its
+        # ``sys.exit(code)`` propagates: code 0 is an orderly exit, anything else (-1 after an
+        # exception in a booted worker) is a crash, told as faulthandler would tell it.
+        ending = sys.exc_info()[1]
+        if isinstance(ending, SystemExit) and ending.code in (0, None):
+            os.write(self._orderly.fileno(), f"{os.getpid()}\n".encode())
+            return
+        cause = getattr(ending, "__context__", None) or ending
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else "exit without cause"
+        os.write(self._dumps.fileno(), f"Fatal Python error: {what}\n".encode(errors="replace"))
 
     # -- in the master -------------------------------------------------------------------
 

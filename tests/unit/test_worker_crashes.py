@@ -3,7 +3,13 @@ tests/integration/test_native_crashes.py)."""
 
 from __future__ import annotations
 
-from tanglebox.worker_crashes import describe_dump
+import os
+import sys
+
+import pytest
+from gunicorn.errors import HaltServer
+
+from tanglebox.worker_crashes import WorkerCrashes, describe_dump
 
 DUMP = '''Fatal Python error: Segmentation fault
 
@@ -24,3 +30,51 @@ def test_the_crash_is_named_by_the_fatal_error_and_the_current_threads_innermost
 
 def test_a_dump_without_frames_still_names_the_fatal_error():
     assert describe_dump("Fatal Python error: Aborted\n\n") == "Aborted"
+
+
+class _Server:
+    LISTENERS = ["a listening socket"]
+
+
+class _Worker:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+def _end_worker(crashes: WorkerCrashes, code: int, cause: Exception | None = None) -> None:
+    """What gunicorn's spawn_worker does in the worker: sys.exit(code) after the worker's life
+    (or after an exception in it), and the worker_exit hook in ``finally``."""
+    def spawn_worker() -> None:
+        try:
+            if cause is not None:
+                raise cause
+            sys.exit(code)
+        except SystemExit:
+            raise
+        except Exception:
+            sys.exit(code)
+        finally:
+            crashes.worker_exit(_Server(), _Worker(os.getpid()))
+
+    with pytest.raises(SystemExit):
+        spawn_worker()
+
+
+def test_an_orderly_exit_is_not_a_crash(capsys):
+    crashes = WorkerCrashes(limit=1)
+    _end_worker(crashes, 0)
+    crashes.child_exit(_Server(), _Worker(os.getpid()))  # would halt at the first crash
+    assert capsys.readouterr().err == ""
+
+
+def test_a_booted_worker_ending_with_an_exception_is_a_crash_named_by_it(capsys):
+    crashes = WorkerCrashes(limit=2)
+    _end_worker(crashes, -1, ValueError("the listening socket broke"))
+    crashes.child_exit(_Server(), _Worker(os.getpid()))
+    assert ("the serving worker crashed (ValueError: the listening socket broke); restarting "
+            "it (1 of 2 crashes allowed in 5 minutes)") in capsys.readouterr().err
+    _end_worker(crashes, -1, ValueError("again"))
+    with pytest.raises(HaltServer) as halted:
+        crashes.child_exit(_Server(), _Worker(os.getpid()))
+    assert halted.value.exit_status == 2
+    assert "crashed 2 times in 5 minutes (last: ValueError: again)" in halted.value.reason
