@@ -28,7 +28,7 @@ from flask import Blueprint, Flask, abort, redirect, render_template, request, s
 
 from tanglebox.runtime import current_runtime
 from tanglebox.web.auth import api_tokens
-from tanglebox.web.security import allow_framing
+from tanglebox.web.security import allow_framing, is_websocket_handshake
 from tanglebox.web.ui_conversation import PAGE, WIDGET
 
 SESSION_KEY = "token_sha256"
@@ -95,6 +95,8 @@ def signout():
 def _require_sign_in():
     """Before every request: the pages and the UI socket need a session when tokens do."""
     path = request.path
+    if path == "/" and is_websocket_handshake():
+        return None  # the original websocket protocol, behind the API token rule (auth.py)
     if path == SOCKET_PATH:
         surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
     else:
