@@ -93,6 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Replies generated at once (batched); more waits in the queue.", minimum=1, maximum=64),
     Setting("queueSize", 32, int,
             "Requests allowed to wait for a slot; beyond that: 503 + Retry-After.", minimum=0),
+    Setting("queuePerClient", 8, int,
+            "Requests one client (by address) may have waiting for a slot; beyond that: 429 + "
+            "Retry-After.", minimum=1),
     Setting("requestTimeoutSeconds", 600, (int, float),
             "A reply still generating after this long is stopped (finish reason `timeout`).",
             minimum=1),
