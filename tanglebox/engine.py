@@ -2,17 +2,30 @@
 
 Flow of a request::
 
-    adapter ── submit(ChatRequest) ──► WaitingQueue (bounded: full → QueueFull at once;
-                                            │  round-robin across clients)
+    adapter ── submit(ChatRequest) ──► size check in bytes: a prompt far past the context is
+                                       answered prompt_too_long at once, never tokenized
+                                  ──► WaitingQueue (bounded: full → QueueFull at once; a
+                                            │  share per client; round-robin across clients)
     engine thread (a real OS thread) ◄──────┘
-      admit: render the prompt, tokenize, pick the free slot whose cached tokens share the
-             longest prefix with it (else one next to a busy slot, else the least recently
-             used) and drop the rest
+      admit: render the prompt, tokenize, check its length in tokens, pick the free slot
+             whose cached tokens share the longest prefix with it (else one next to a busy
+             slot, else the least recently used) and drop the rest; while replies run, one
+             prompt per step at most
       step:  one backend.decode over every active slot: one token per generating slot, plus
              prompt chunks of admitted ones (prefill interleaved with generation)
       then:  sample, detokenize UTF-8-safely, hold back partial stop strings, emit Delta;
              end with Done(finish_reason) or Error, and free the slot (its KV cache is kept
              for the conversation's next turn)
+
+Admission is bounded so that preparing prompts never holds up running replies: tokenizing
+is work on the engine's thread (llama.cpp's tokenizer takes about a second for 1 MB), and a
+few clients posting huge prompts, each refused as too long, once kept the thread tokenizing
+with every reply waiting (issue 14: 21 s without a token). So the cheap check comes first, on
+the adapter's side: a prompt of more than ``MAX_BYTES_PER_TOKEN`` bytes per context token
+cannot fit whatever the tokenizer does, and is refused without tokenizing. What passes is at
+most that many bytes, and while any reply runs the engine prepares one prompt, then steps, so
+the running replies get a token between any two prompts. (Tokenizing stays on the engine's
+thread: the backends' tokenizers are not documented safe beside a decode on another thread.)
 
 Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
 sequence leaves the batch at the next step, also in the middle of a long prompt.
@@ -40,11 +53,11 @@ from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_pro
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import sample_token
 from tanglebox.settings import Settings
-from tanglebox.waiting_queue import EngineStopped, QueueFull, WaitingQueue
+from tanglebox.waiting_queue import ClientQueueFull, EngineStopped, QueueFull, WaitingQueue
 
 # What a caller of the engine needs, importable from here.
-__all__ = ["Delta", "Done", "Engine", "EngineStopped", "Error", "Event", "Generation",
-           "QueueFull"]
+__all__ = ["ClientQueueFull", "Delta", "Done", "Engine", "EngineStopped", "Error", "Event",
+           "Generation", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,11 @@ log = logging.getLogger(__name__)
 # tokens again costs about 0.2 s on 2 CPU cores once, a second run of slots about 8 % of every
 # step of every reply while it lasts (python -m bench.batch_order).
 SLOT_PREFIX_SLACK = 32
+
+# More prompt bytes per context token than any tokenizer packs into a token of text (the
+# longest tokens of common vocabularies are runs of spaces or dashes of a few dozen bytes), so a
+# prompt past ``context * MAX_BYTES_PER_TOKEN`` bytes is too long before it is tokenized.
+MAX_BYTES_PER_TOKEN = 64
 
 MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
 PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the prompt.")
@@ -85,7 +103,7 @@ class Engine:
 
     def __init__(self, backend: Backend, template_name: str, default_system_prompt: str = "",
                  queue_size: int = 32, request_timeout: float = 600.0, seed: int = -1,
-                 log_prompts: bool = False) -> None:
+                 log_prompts: bool = False, queue_per_client: int | None = None) -> None:
         self.backend = backend
         # Prompt tokens per step while other sequences wait on the step (see _step); a
         # backend on hardware where prompt tokens are nearly free in a batch sets it high.
@@ -96,7 +114,8 @@ class Engine:
         self.log_prompts = log_prompts
         self._seeds = itertools.count(seed) if seed >= 0 else None
         self._slots = [_Slot(i) for i in range(backend.max_sequences)]
-        self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout)
+        self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout,
+                                   queue_per_client)
         self._active: list[_Sequence] = []
         self._wakeup = handoff.Wakeup()
         self._stopped = handoff.Latch()
@@ -113,10 +132,30 @@ class Engine:
             handoff.start_native_thread(self._run)
 
     def submit(self, request: ChatRequest) -> Generation:
-        """Queue a request; raises QueueFull or EngineStopped at once instead of waiting."""
+        """Queue a request; raises QueueFull or EngineStopped at once instead of waiting.
+
+        A prompt too long by its bytes alone is answered ``prompt_too_long`` here, unqueued.
+        """
+        too_long = self._too_long_in_bytes(request)
+        if too_long is not None:
+            generation = Generation(request)
+            generation._emit(too_long)
+            return generation
         generation = self._queue.submit(request)
         self._wakeup.set()
         return generation
+
+    def _too_long_in_bytes(self, request: ChatRequest) -> Error | None:
+        system_prompt = request.system_prompt or self.default_system_prompt
+        size = len(system_prompt.encode("utf-8", "surrogatepass")) + sum(
+            len(m.content.encode("utf-8", "surrogatepass")) for m in request.messages)
+        context = self.backend.context_length
+        if size <= context * MAX_BYTES_PER_TOKEN:
+            return None
+        return Error(ErrorCode.PROMPT_TOO_LONG,
+                     f"The prompt is {size} bytes, far more than the model's context of "
+                     f"{context} tokens holds (prompt and reply together). Shorten the prompt "
+                     "or the conversation history.")
 
     def render(self, request: ChatRequest) -> Prompt:
         system_prompt = request.system_prompt or self.default_system_prompt
@@ -179,12 +218,17 @@ class Engine:
         return True
 
     def _admit(self) -> None:
+        """Take waiting requests into free slots: all of them while nothing runs, else one
+        (see the module: preparing prompts must not hold up running replies)."""
         while True:
             free = [slot for slot in self._slots if not slot.busy]
+            running = bool(self._active)
             generation = self._queue.next() if free else None
             if generation is None:
                 return
             self._start_sequence(generation, free)
+            if running:
+                return
 
     def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
         request = generation.request
@@ -381,7 +425,8 @@ def engine_from_settings(settings: Settings, backend: Backend) -> Engine:
                     default_system_prompt=settings["systemPrompt"],
                     queue_size=settings["queueSize"],
                     request_timeout=settings["requestTimeoutSeconds"], seed=settings["seed"],
-                    log_prompts=settings["enableModelDebugOutput"])
+                    log_prompts=settings["enableModelDebugOutput"],
+                    queue_per_client=settings["queuePerClient"])
     engine.render_check()
     engine.start()
     return engine

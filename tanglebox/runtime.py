@@ -8,7 +8,8 @@ An adapter parses its wire format into a ``ChatRequest`` (``chat_request.py``), 
 
     runtime.submit(request) ──► Generation           relay its events: generation.relay()
                             └─► raises Refused       maintenance, loading, load failed,
-                                                     queue full, shutting down
+                                                     queue full (for all, or this
+                                                     client's share), shutting down
 
 A :class:`Refused` carries the one sentence for that refusal (the same on every surface),
 when to try again, and the HTTP status; each adapter only puts it in its own format.
@@ -24,7 +25,7 @@ from enum import StrEnum
 from flask import current_app
 
 from tanglebox.chat_request import ChatRequest, Limits
-from tanglebox.engine import Engine, EngineStopped, QueueFull
+from tanglebox.engine import ClientQueueFull, Engine, EngineStopped, QueueFull
 from tanglebox.generation import SHUTTING_DOWN, Generation
 from tanglebox.settings import Settings
 
@@ -32,6 +33,7 @@ MAINTENANCE_RETRY_AFTER = 60
 LOADING_RETRY_AFTER = 5
 SHUTDOWN_RETRY_AFTER = 5
 SERVICE_UNAVAILABLE = 503
+TOO_MANY_REQUESTS = 429
 
 
 class RuntimeState(StrEnum):
@@ -49,6 +51,7 @@ class Refusal(StrEnum):
     LOADING = "loading"
     LOAD_FAILED = "load_failed"
     QUEUE_FULL = "queue_full"
+    CLIENT_QUEUE_FULL = "client_queue_full"
     SHUTTING_DOWN = "shutting_down"
 
 
@@ -102,6 +105,11 @@ class Runtime:
         self.check_open()
         try:
             return self.engine.submit(request)
+        except ClientQueueFull as full:
+            raise Refused(Refusal.CLIENT_QUEUE_FULL,
+                          f"You already have {full.per_client} requests waiting for a reply; "
+                          "wait for them before sending more.", full.retry_after,
+                          TOO_MANY_REQUESTS) from None
         except QueueFull as full:
             raise Refused(Refusal.QUEUE_FULL, "The server is busy with other replies; try "
                                               "again in a few seconds.",

@@ -37,6 +37,10 @@ ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'  # path only
 GRACEFUL_TIMEOUT_SECONDS = 30
 DRAIN_MARGIN_SECONDS = 5  # of the graceful timeout, kept for the last messages to go out
 PINNED_GUNICORN_SETTINGS = ("worker_class", "workers")
+# Places in the worker's pool beyond maxConnections, for /health and for the refusals
+# (tanglebox.web.connection_limits; not imported here: the master must not import the web
+# stack before the worker patches it for gevent).
+CONNECTION_HEADROOM = 100
 
 
 def preflight(settings: Settings) -> ModelLocation:
@@ -105,7 +109,9 @@ class TangleboxServer(BaseApplication):
                      f"{s['host']}:{s['port']}"],
             "worker_class": "gevent",
             "workers": 1,  # one worker per model: the model lives in the process
-            "worker_connections": 1000,
+            # The guard (web/connection_limits.py) refuses past maxConnections, so the pool
+            # always has room for /health and for those refusals.
+            "worker_connections": s["maxConnections"] + CONNECTION_HEADROOM,
             "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
             "timeout": 120,
             "loglevel": "warning",

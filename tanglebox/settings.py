@@ -105,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Replies generated at once (batched); more waits in the queue.", minimum=1, maximum=64),
     Setting("queueSize", 32, int,
             "Requests allowed to wait for a slot; beyond that: 503 + Retry-After.", minimum=0),
+    Setting("queuePerClient", 8, int,
+            "Requests one client (by address) may have waiting for a slot; beyond that: 429 + "
+            "Retry-After.", minimum=1),
     Setting("requestTimeoutSeconds", 600, (int, float),
             "A reply still generating after this long is stopped (finish reason `timeout`).",
             minimum=1),
@@ -135,6 +138,15 @@ SETTINGS: tuple[Setting, ...] = (
             "What clients are told in maintenance mode."),
     Setting("socketIdleTimeoutSeconds", 600, (int, float),
             "A socket that sends nothing for this long is closed.", minimum=1),
+    Setting("maxConnections", 500, int,
+            "Requests and sockets served at once; beyond that: 503 + Retry-After (`/health` is "
+            "always answered).", minimum=1),
+    Setting("maxConnectionsPerClient", 64, int,
+            "Requests and sockets one client address may hold open at once; beyond that: 503 + "
+            "Retry-After, a socket refused before the upgrade.", minimum=1),
+    Setting("requestReadTimeoutSeconds", 30, (int, float),
+            "A request body that has not fully arrived after this long is answered 408.",
+            minimum=1),
     Setting("sslCertFile", "", str, "PEM certificate for `useSsl`."),
     Setting("sslKeyFile", "", str, "PEM private key for `useSsl`."),
     Setting("widgetAllowedOrigins", [], list,

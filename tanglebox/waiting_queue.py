@@ -7,7 +7,9 @@ slot is free, so everything the two sides share lives here, behind one native lo
   or running; past it ``submit`` refuses at once with :class:`QueueFull` (after first dropping
   requests whose clients have gone) instead of leaving a client hanging;
 - **fair**: requests wait per client, first come first served within a client and round-robin
-  across clients, so one client's burst never holds up another client's first request;
+  across clients, so one client's burst never holds up another client's first request; and a
+  client may have at most ``per_client`` requests waiting (past it: :class:`ClientQueueFull`),
+  so one client cannot take every place in the queue;
 - **closing**: after ``close`` nothing new is taken, and the engine drains what is in the
   system until the drain deadline.
 
@@ -34,6 +36,14 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ClientQueueFull(QueueFull):
+    """This client already has its share of requests waiting."""
+
+    def __init__(self, retry_after: int, per_client: int) -> None:
+        super().__init__(retry_after)
+        self.per_client = per_client
+
+
 class EngineStopped(Exception):
     """The engine is shutting down and takes no new work."""
 
@@ -41,8 +51,10 @@ class EngineStopped(Exception):
 class WaitingQueue:
     """Requests waiting for a slot, and the count of those in the system (see the module)."""
 
-    def __init__(self, slots: int, queue_size: int, request_timeout: float) -> None:
+    def __init__(self, slots: int, queue_size: int, request_timeout: float,
+                 per_client: int | None = None) -> None:
         self.capacity = slots + queue_size
+        self.per_client = per_client
         self.retry_after = 2 + queue_size // max(1, slots)
         self.request_timeout = request_timeout
         self._pending: collections.OrderedDict[str, collections.deque[Generation]] = (
@@ -65,7 +77,9 @@ class WaitingQueue:
                 # places until the engine's next step; free those before refusing anyone.
                 dropped = self._take_gone()
             full = self._in_system >= self.capacity
-            if not full:
+            waiting = len(self._pending.get(request.client_id, ()))
+            client_full = self.per_client is not None and waiting >= self.per_client
+            if not full and not client_full:
                 # Made only once admitted: each Generation holds an event watcher until its
                 # final event, so a refused request must not create one.
                 generation = Generation(request)
@@ -75,6 +89,8 @@ class WaitingQueue:
         self._answer_gone(dropped)
         if full:
             raise QueueFull(self.retry_after)
+        if client_full:
+            raise ClientQueueFull(self.retry_after, self.per_client)
         return generation
 
     def counts(self) -> tuple[int, int]:

@@ -41,7 +41,7 @@ class FakeBackend:
     def __init__(self, max_sequences: int = 2, context_length: int = 4096,
                  batch_tokens: int = 64, step_delay: float = 0.0,
                  model_name: str = "fake-model", replies: dict[str, str] | None = None,
-                 crash_on_decode: bool = False) -> None:
+                 crash_on_decode: bool = False, tokenize_delay: float = 0.0) -> None:
         self.model_name = model_name
         self.replies = replies or {}  # canned replies by user text, before fake_reply's rules
         self.max_sequences = max_sequences
@@ -49,12 +49,18 @@ class FakeBackend:
         self.batch_tokens = batch_tokens
         self.step_delay = step_delay  # seconds per decode call, so tests can act mid-reply
         self.crash_on_decode = crash_on_decode  # a real native crash, as a broken build makes
+        # seconds per tokenize call, as llama.cpp's tokenizer takes on a long prompt
+        self.tokenize_delay = tokenize_delay
+        self.calls: list[str] = []  # "tokenize" and "decode", in the order the engine made them
         self.chat_format = ModelChatFormat(CHAT_TEMPLATE, "", "<|end|>")
         self.sequences: list[list[int]] = [[] for _ in range(max_sequences)]
         self.decode_calls: list[list[DecodeItem]] = []
         self.closed = False
 
     def tokenize(self, text: str) -> list[int]:
+        self.calls.append("tokenize")
+        if self.tokenize_delay:
+            time.sleep(self.tokenize_delay)
         tokens: list[int] = []
         for part in _SPECIAL_PATTERN.split(text):
             tokens.extend([SPECIALS[part]] if part in SPECIALS else part.encode("utf-8"))
@@ -68,6 +74,7 @@ class FakeBackend:
 
     def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]:
         self.decode_calls.append(items)
+        self.calls.append("decode")
         if self.crash_on_decode:
             ctypes.string_at(0)  # reads address 0: SIGSEGV, no Python exception
         if self.step_delay:

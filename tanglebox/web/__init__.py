@@ -6,6 +6,9 @@
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
 
+In front of the app, ``connection_limits.ConnectionGuard`` caps the connections per client
+address and in total, and reads request bodies within a deadline.
+
 A ``Refused`` (``Runtime.submit``: maintenance, loading, queue full...) raised in an HTTP view
 is answered here, once for every HTTP surface: its status, its sentence, ``Retry-After``.
 """
@@ -22,6 +25,7 @@ from werkzeug.exceptions import HTTPException, default_exceptions
 from tanglebox.runtime import Refused, Runtime
 from tanglebox.settings import Settings
 from tanglebox.web import security
+from tanglebox.web.connection_limits import ConnectionGuard, ConnectionLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +44,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
         SEND_FILE_MAX_AGE_DEFAULT=3600,
     )
     app.json.sort_keys = False
+    # In front of everything: caps on open connections, a deadline for bodies.
+    app.wsgi_app = ConnectionGuard(app.wsgi_app, ConnectionLimits(
+        total=settings["maxConnections"], per_client=settings["maxConnectionsPerClient"],
+        read_timeout=float(settings["requestReadTimeoutSeconds"]),
+        max_body=settings["maxRequestBytes"]))
     security.init_app(app)
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)

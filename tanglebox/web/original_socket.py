@@ -39,7 +39,8 @@ is added to the history once its reply is done (a failed turn is not). ``#-delet
 it. A client that goes away mid-reply (a send fails, or the socket closes) cancels its
 generation, so the engine's slot is free at its next step. A socket that sends nothing for
 ``socketIdleTimeoutSeconds`` (while no reply is running) is closed; a message over
-``maxRequestBytes`` closes it with 1009 (simple-websocket enforces that).
+``maxRequestBytes`` closes it with 1009 (simple-websocket enforces that), and more than a few
+messages sent ahead of their answers close it with 1008 (``socket_inbox``).
 
 Every wait here (receive, the next engine event, send) is cooperative under gevent, so a slow
 or silent client only ever holds its own greenlet.
@@ -77,6 +78,7 @@ from tanglebox.prompting import ASSISTANT, USER, Message
 from tanglebox.runtime import Refusal, Refused, Runtime, current_runtime
 from tanglebox.web.auth import (require_api_enabled, request_token, require_token,
                                 token_is_valid)
+from tanglebox.web.socket_inbox import bound_inbox
 
 # Client → server.
 SET_TEMPERATURE = "#-set-temp-#"
@@ -186,6 +188,7 @@ def check_handshake() -> None:
 
 def original_socket(ws: Server) -> None:
     """One client's socket, from the first message to the close."""
+    bound_inbox(ws, current_runtime().settings["maxRequestBytes"])
     serve(ws, current_runtime(), client_id=request.remote_addr or "",
           authenticated=token_is_valid(request_token()))
 

@@ -69,6 +69,7 @@ from tanglebox.chat_request import (
 from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import Refused, Runtime, current_runtime
+from tanglebox.web.socket_inbox import bound_inbox
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
@@ -134,6 +135,7 @@ def register(sock: Sock) -> None:
     @sock.route("/ws/chat")
     def chat_socket(ws) -> None:
         runtime = current_runtime()
+        bound_inbox(ws, runtime.settings["maxRequestBytes"])
         store = conversation_store(current_app)
         surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
         conversation = store.attach(
