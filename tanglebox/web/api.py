@@ -37,11 +37,11 @@ from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, Ser
 
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
 from tanglebox.client_json import decode_json
-from tanglebox.generation import Delta, Done, Error, ErrorCode, Event
+from tanglebox.generation import Delta, Done, Error, ErrorCode, Event, FinishReason
 from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
-from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, final_event, first_event,
-                                      streamed)
+from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, StreamCut, final_event,
+                                      first_event, streamed)
 from tanglebox.web.security import origin_allowed, origin_listed
 
 blueprint = Blueprint("api", __name__)
@@ -50,11 +50,6 @@ blueprint.before_request(require_api_enabled)
 PLAIN, JSON, EVENT_STREAM = "text/plain", "application/json", "text/event-stream"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 BODY_EXAMPLE = '{"userPrompt": "Hello"}'
-
-
-class StreamFailed(Exception):
-    """The engine failed after the status line went out: the connection is closed without
-    the final chunk, so a client cannot mistake the partial reply for a whole one."""
 
 
 @blueprint.after_request
@@ -219,10 +214,12 @@ def refuse(error: Error) -> NoReturn:
 # -- 6. rendering ----------------------------------------------------------------------------
 
 def render_plain(event: Event) -> str:
+    """A delta's text. Plain text has no way to say a reply was cut (the engine failed, the
+    server shut down), so the stream ends without its final chunk then (``StreamCut``)."""
     if isinstance(event, Delta):
         return event.text
-    if isinstance(event, Error):
-        raise StreamFailed(event.message)
+    if isinstance(event, Error) or event.finish_reason == FinishReason.SHUTDOWN:
+        raise StreamCut(event.message if isinstance(event, Error) else event.finish_reason)
     return ""
 
 
