@@ -3,6 +3,11 @@ fake backend): a malformed chunked body, and chat UI socket messages with a lone
 nested 100,000 deep, which wrote an HTTP 500 into the upgraded socket and broke every reconnect
 of a conversation that held such a turn. The same input in-process: tests/unit/
 test_client_input.py.
+
+Then a small fuzz run over the wire (bench/fuzz.py's strategies): what the in-process run
+(tests/unit/test_fuzz.py) cannot reach, chunked bodies whose framing may be broken, and both
+sockets' frames. The rule: no 5xx, no traceback, every probe answered within
+bench.fuzz.DEADLINE, ``/health`` fine after each case.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ from contextlib import closing
 import pytest
 import requests
 import websocket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.fuzz import (DEADLINE, RestCase, original_messages, parameters, rest_problem,
+                        send_original, send_rest, send_ui, socket_problem, ui_messages, ws_url)
+from tests.live_server import LiveServer
 
 RECEIVE_DEADLINE = 15  # seconds any single answer may take before the test fails
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.live_server import LiveServer
     live = LiveServer(tmp_path_factory.mktemp("hardening"))
     live.start(fake={})
     yield live
@@ -98,3 +108,42 @@ def test_an_unreadable_ui_message_is_an_error_fragment_and_the_socket_stays(serv
     ws, sync = open_chat(server, conversation)  # and a reconnect finds the conversation
     with closing(ws):
         assert "still here" in sync and "\\ud800" not in sync
+
+
+# -- a small fuzz run ---------------------------------------------------------------------------
+
+SMALL_RUN = settings(max_examples=25, deadline=None, database=None,
+                     suppress_health_check=list(HealthCheck))
+
+
+def assert_healthy(server) -> None:
+    assert requests.get(server.url + "/health", timeout=DEADLINE).status_code == 200
+    assert "Traceback" not in server.log()
+
+
+@SMALL_RUN
+@given(case=st.builds(RestCase, st.just("chunked"), parameters, st.binary(max_size=9)))
+def test_chunked_bodies_never_get_a_5xx(server, case):
+    status, body = send_rest(server.url, case)
+    assert not rest_problem(status, body)
+    assert_healthy(server)
+
+
+@SMALL_RUN
+@given(message=ui_messages())
+def test_the_ui_socket_answers_every_message_over_the_wire(server, message):
+    with closing(websocket.create_connection(ws_url(server.url, "/ws/chat"),
+                                             timeout=DEADLINE)) as ws:
+        ws.recv()  # the sync
+        seen = send_ui(ws, message)
+    assert not [p for p in map(socket_problem, seen) if p]
+    assert_healthy(server)
+
+
+@SMALL_RUN
+@given(message=original_messages())
+def test_the_original_socket_answers_every_message_over_the_wire(server, message):
+    with closing(websocket.create_connection(ws_url(server.url, "/"), timeout=DEADLINE)) as ws:
+        seen = send_original(ws, message)
+    assert not [p for p in map(socket_problem, seen) if p]
+    assert_healthy(server)
