@@ -62,7 +62,8 @@ def parse_system_prompt(value: Any, param: str = "systemPrompt") -> str:
 def parse_temperature(value: Any, param: str = "temperature", allow_text: bool = True) -> float:
     low, high = TEMPERATURE_RANGE
     number = _number(value, param, f"a number from {low:g} to {high:g}", allow_text)
-    if not math.isfinite(number) or not low <= number <= high:
+    # math.isfinite() cannot take an int too large for a float (10**400): ints are finite.
+    if not (isinstance(number, int) or math.isfinite(number)) or not low <= number <= high:
         raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {value!r}")
     return float(number)
 
@@ -147,5 +148,8 @@ def _number(value: Any, param: str, expected: str, allow_text: bool) -> int | fl
     if isinstance(value, str) and allow_text:
         text = value.strip()
         if DECIMAL.fullmatch(text):
-            return float(text) if "." in text else int(text)
+            try:
+                return float(text) if "." in text else int(text)
+            except ValueError:  # more digits than int() converts (4300)
+                pass
     raise RequestError(param, f"must be {expected}, got {value!r}")

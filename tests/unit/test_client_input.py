@@ -92,6 +92,20 @@ def test_the_decoder_names_items_inside_the_value():
         decode_json("1" * 5000, "body", "x")  # more digits than Python converts
 
 
+@pytest.mark.parametrize("params", [
+    {"temperature": 10 ** 400}, {"maxNewTokens": 10 ** 400}, {"temperature": -(10 ** 400)}])
+def test_a_number_too_large_for_a_float_is_a_400(client, params):
+    response = client.post("/conversation", json={"userPrompt": "echo hi", **params})
+    assert response.status_code == 400 and response.text.startswith(f"{next(iter(params))}:")
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "9" * 5000, "9" * 400 + ".5"])
+def test_a_number_with_too_many_digits_is_a_400(client, text):
+    for param in ("temperature", "maxNewTokens"):
+        response = client.post("/conversation", data={"userPrompt": "echo hi", param: text})
+        assert response.status_code == 400 and response.text.startswith(f"{param}:")
+
+
 # -- numbers written as text: plain decimals, the same on every surface ------------------------
 
 @pytest.mark.parametrize("text", ["1_0", "1e2", "0x10", "inf", "nan", "\u0661\u0660", "1 0"])
