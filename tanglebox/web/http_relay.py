@@ -78,11 +78,12 @@ def end_without_final_chunk(environ: dict) -> bool:
     what was sent, so gunicorn's terminating chunk fails to go out (EPIPE, which gunicorn
     takes as a client gone: no traceback in the log).
 
-    False without gunicorn (Flask's test client, the development server): the caller lets
-    the StreamCut go on up, which ends the response there.
+    False without gunicorn (Flask's test client, the development server), and over HTTP/2,
+    where one socket carries other streams too: the caller lets the StreamCut go on up, which
+    ends the response there (gunicorn resets the HTTP/2 stream).
     """
     sock = environ.get("gunicorn.socket")
-    if sock is None:
+    if sock is None or environ.get("HTTP_VERSION") == "2":
         return False
     try:
         sock.shutdown(socket.SHUT_WR)
