@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from tanglebox.client_json import RequestError, decode_json
 from tanglebox.prompting import ASSISTANT, USER, Message
 
 HISTORY_ROLES = {"Human": USER, "AI": ASSISTANT}
+HISTORY_EXAMPLE = 'an array of [role, message] pairs, e.g. [["Human","hi"],["AI","hello"]]'
 TEMPERATURE_RANGE = (0.0, 2.0)
-
-
-class RequestError(ValueError):
-    """Bad input from a client: ``param`` names the culprit, the message says what to change."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
+# A number written as text (a query string, a form, a socket message): plain decimal only.
+# int() and float() also take "1_0", "1e2", " ١٠ ", "inf" and "nan"; none of them is meant.
+DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,8 @@ def parse_system_prompt(value: Any, param: str = "systemPrompt") -> str:
 def parse_temperature(value: Any, param: str = "temperature", allow_text: bool = True) -> float:
     low, high = TEMPERATURE_RANGE
     number = _number(value, param, f"a number from {low:g} to {high:g}", allow_text)
-    if not math.isfinite(number) or not low <= number <= high:
+    # math.isfinite() cannot take an int too large for a float (10**400): ints are finite.
+    if not (isinstance(number, int) or math.isfinite(number)) or not low <= number <= high:
         raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {value!r}")
     return float(number)
 
@@ -95,11 +94,7 @@ def parse_history(value: Any, param: str = "conversationHistory") -> list[Messag
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RequestError(param, 'must be JSON: an array of [role, message] pairs, '
-                                      'e.g. [["Human","hi"],["AI","hello"]]') from None
+        value = decode_json(value, param, HISTORY_EXAMPLE)
     if not isinstance(value, list):
         raise RequestError(param, "must be an array of [role, message] pairs")
     messages = []
@@ -108,7 +103,7 @@ def parse_history(value: Any, param: str = "conversationHistory") -> list[Messag
         if not isinstance(item, list) or len(item) != 2:
             raise RequestError(where, "must be a [role, message] pair")
         role, text = item
-        if role not in HISTORY_ROLES:
+        if not isinstance(role, str) or role not in HISTORY_ROLES:
             raise RequestError(where, f'role must be "Human" or "AI", got {json.dumps(role)}')
         if not isinstance(text, str):
             raise RequestError(where, "message must be a string")
@@ -152,12 +147,9 @@ def _number(value: Any, param: str, expected: str, allow_text: bool) -> int | fl
         return value
     if isinstance(value, str) and allow_text:
         text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            pass
+        if DECIMAL.fullmatch(text):
+            try:
+                return float(text) if "." in text else int(text)
+            except ValueError:  # more digits than int() converts (4300)
+                pass
     raise RequestError(param, f"must be {expected}, got {value!r}")

@@ -31,27 +31,25 @@ import json
 from typing import Any, Mapping, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, ServiceUnavailable,
                                  UnsupportedMediaType)
 
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
-from tanglebox.generation import Delta, Done, Error, ErrorCode, Event
+from tanglebox.client_json import decode_json
+from tanglebox.generation import Delta, Done, Error, ErrorCode, Event, FinishReason
 from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
-from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, final_event, first_event,
-                                      streamed)
-from tanglebox.web.security import origin_listed
+from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, StreamCut, final_event,
+                                      first_event, streamed)
+from tanglebox.web.security import origin_allowed, origin_listed
 
 blueprint = Blueprint("api", __name__)
 blueprint.before_request(require_api_enabled)
 
 PLAIN, JSON, EVENT_STREAM = "text/plain", "application/json", "text/event-stream"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-
-
-class StreamFailed(Exception):
-    """The engine failed after the status line went out: the connection is closed without
-    the final chunk, so a client cannot mistake the partial reply for a whole one."""
+BODY_EXAMPLE = '{"userPrompt": "Hello"}'
 
 
 @blueprint.after_request
@@ -101,15 +99,23 @@ def conversation() -> Response:
 # -- 1. parameters ---------------------------------------------------------------------------
 
 def refuse_cross_site_browsers() -> None:
-    """403 for a browser request made by another site's page, unless its origin is allowed.
+    """403 for a request a page of another origin made a browser send, unless that origin is
+    in ``allowedOrigins``; the rule for every method (``POST`` also meets the app-wide Origin
+    check).
 
-    A cross-site ``GET`` (an ``<img src=…/conversation?userPrompt=…>``) carries no Origin, so
-    the app-wide Origin check cannot see it; browsers mark it ``Sec-Fetch-Site: cross-site``.
-    Scripts send no such header and are served as before.
+    A ``GET`` made by an ``<img src=…/conversation?userPrompt=…>`` or a link carries no Origin,
+    so browsers' ``Sec-Fetch-Site`` tells: ``cross-site`` (another site) and ``same-site``
+    (the same host on another port or scheme, e.g. another local server's page on 127.0.0.1)
+    are refused; ``same-origin`` and ``none`` (typed in the address bar) are served. A browser
+    without Sec-Fetch-Site still sends Origin on a ``fetch`` from another origin. Scripts send
+    neither header and are served as before (tokens guard them).
     """
-    if (request.headers.get("Sec-Fetch-Site") == "cross-site"
-            and not origin_listed(request.headers.get("Origin"))):
-        abort(403, description="Sec-Fetch-Site: requests made by another site's pages are "
+    origin = request.headers.get("Origin")
+    if origin_listed(origin):
+        return
+    if (request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site")
+            or not origin_allowed(origin)):
+        abort(403, description="Origin: requests made by pages of another origin are "
                                "not allowed; add its origin to \"allowedOrigins\" in "
                                "settings.json.")
 
@@ -142,6 +148,11 @@ def read_body(limit: int) -> bytes:
         body = request.get_data(cache=True)
     except RequestEntityTooLarge:
         too_large(limit)
+    except ParseException as err:
+        # gunicorn reads a chunked body as we ask for it, so a chunk size that is not hex or
+        # a chunk without its CRLF surfaces here, not before the request reached us.
+        abort(400, description=f"body: its chunked encoding is malformed ({type(err).__name__});"
+                               " send a well-formed chunked body or a Content-Length")
     # A chunked body has no Content-Length to check up front, and Werkzeug cuts it at the
     # limit rather than refusing it: a body that fills the limit is taken as one over it.
     if request.content_length is None and len(body) >= limit:
@@ -151,17 +162,12 @@ def read_body(limit: int) -> bytes:
 
 def json_object(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body)
-    except json.JSONDecodeError as err:
-        abort(400, description=f"body: not valid JSON ({err.msg} at line {err.lineno}, "
-                               f"column {err.colno}); send an object such as "
-                               '{"userPrompt": "Hello"}')
-    except (ValueError, RecursionError):  # not UTF-8; nested deeper than the parser goes
-        abort(400, description="body: not valid JSON; send a UTF-8 JSON object such as "
-                               '{"userPrompt": "Hello"}')
+        value = decode_json(body, "body", BODY_EXAMPLE, of_params=True)
+    except RequestError as err:
+        abort(400, description=str(err))
     if not isinstance(value, dict):
         abort(400, description=f"body: must be a JSON object of parameters such as "
-                               f'{{"userPrompt": "Hello"}}, not {type_name(value)}')
+                               f"{BODY_EXAMPLE}, not {type_name(value)}")
     return value
 
 
@@ -208,10 +214,12 @@ def refuse(error: Error) -> NoReturn:
 # -- 6. rendering ----------------------------------------------------------------------------
 
 def render_plain(event: Event) -> str:
+    """A delta's text. Plain text has no way to say a reply was cut (the engine failed, the
+    server shut down), so the stream ends without its final chunk then (``StreamCut``)."""
     if isinstance(event, Delta):
         return event.text
-    if isinstance(event, Error):
-        raise StreamFailed(event.message)
+    if isinstance(event, Error) or event.finish_reason == FinishReason.SHUTDOWN:
+        raise StreamCut(event.message if isinstance(event, Error) else event.finish_reason)
     return ""
 
 

@@ -17,13 +17,12 @@ A token is read from ``Authorization: Bearer <token>``, else from the ``token`` 
 
 from __future__ import annotations
 
-import json
-
 from flask import abort, current_app, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
 from tanglebox.api_tokens import ApiTokens
+from tanglebox.client_json import RequestError, decode_json
 from tanglebox.runtime import current_runtime
 
 # The same words for a missing, an empty and a wrong token: the answer must not tell an
@@ -78,9 +77,11 @@ def api_tokens() -> ApiTokens:
 
 
 def _json_body_token() -> object:
-    # Not request.get_json(): it lets RecursionError (deeply nested JSON) escape as a 500.
+    # Not request.get_json(): it lets RecursionError (deeply nested JSON) escape as a 500, and
+    # it lets a lone surrogate through to the hash. A body refused here is refused by its
+    # route too (a 400 naming what is wrong).
     try:
-        body = json.loads(request.get_data(cache=True))
-    except (ValueError, RecursionError):
+        body = decode_json(request.get_data(cache=True), "body", "a JSON object")
+    except RequestError:
         return None
     return body.get("token") if isinstance(body, dict) else None

@@ -66,6 +66,7 @@ from tanglebox.chat_request import (
     parse_temperature,
     parse_user_prompt,
 )
+from tanglebox.client_json import decode_json
 from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import Refused, Runtime, current_runtime
@@ -148,12 +149,16 @@ def register(sock: Sock) -> None:
 
 
 def parse_message(raw: Any) -> dict[str, Any]:
-    """A client message: a JSON object (htmx's ws-send), without its HEADERS."""
+    """A client message: a JSON object (htmx's ws-send), without its HEADERS.
+
+    Decoded as every client's JSON is (:func:`decode_json`): a message nested too deeply or
+    holding text that is not Unicode is Unreadable, never an exception out of the socket's
+    loop (which would end the socket with an HTTP 500 written into it).
+    """
     try:
-        message = json.loads(raw)
-    except (TypeError, ValueError):
-        raise Unreadable("The server could not read that message (expected the chat form "
-                         "as JSON).") from None
+        message = decode_json(raw, "message", "the chat form as JSON", of_params=True)
+    except RequestError as err:
+        raise Unreadable(f"The server could not read that message ({err}).") from None
     if not isinstance(message, dict):
         raise Unreadable("The server could not read that message (expected a JSON object).")
     message.pop("HEADERS", None)

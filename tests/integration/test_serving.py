@@ -116,6 +116,28 @@ def test_replies_that_outlast_the_drain_end_with_a_clear_message(fake_server, mo
     assert wait_for_exit(server.process) == 0
 
 
+def test_a_plain_text_stream_cut_by_shutdown_ends_without_its_final_chunk(fake_server,
+                                                                        monkeypatch):
+    # Plain text cannot say "cut" in its body: the chunked stream ends without its
+    # terminating zero-length chunk instead, which HTTP clients report as an incomplete body.
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--graceful-timeout 6")
+    server = fake_server.start(fake={"context_length": HUGE, "step_delay": 0.01},
+                               maxNewTokens=HUGE, maxNewTokensLimit=HUGE)
+    endless = "count 5000"  # 23,893 tokens: about 4 minutes
+    chunks = rest_stream(server.url, endless, "text/plain").iter_content(chunk_size=None)
+    received = next(chunks)
+
+    server.process.send_signal(signal.SIGTERM)
+
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for chunk in chunks:
+            received += chunk
+    assert fake_reply(endless).startswith(received.decode())  # what came is the reply so far
+    assert len(received.decode()) < len(fake_reply(endless))
+    assert wait_for_exit(server.process) == 0
+    assert "Traceback" not in server.log()
+
+
 @pytest.mark.real_model
 def test_gunicorn_serves_the_production_app_and_stops_gracefully(tmp_path):
     settings = tmp_path / "settings.json"
