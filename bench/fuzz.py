@@ -9,8 +9,8 @@ and belong in docs/reliability.md.
 
 The strategies here (hypothesis) are also what the test suite runs, a few dozen cases each:
 tests/unit/test_fuzz.py (REST through Flask's test client, both sockets' message handling
-in-process) and tests/integration/test_input_hardening_live.py (chunked bodies and both sockets against a
-live server). What is generated:
+in-process) and tests/integration/test_input_hardening_live.py (chunked bodies and both
+sockets against a live server). What is generated:
 
 - REST: parameters of every JSON type, nested, with lone surrogates, strings nested 50,000
   deep, numbers written as ``1_0`` or ``1e2``; sent as a JSON body, a form, a query string, a
@@ -298,7 +298,8 @@ def run_for(seconds: float, strategy: st.SearchStrategy, check: Callable) -> Non
 
 
 def fuzz(url: str, minutes: float, rounds: int = 6) -> Tally:
-    """Each surface in turn for its share of ``minutes``, ``rounds`` times; /health after each round."""
+    """Each surface in turn for its share of ``minutes``, ``rounds`` times; /health after
+    each round."""
     tally = Tally()
     share = minutes * 60 / (3 * rounds)
 

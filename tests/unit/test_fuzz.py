@@ -1,10 +1,10 @@
-"""A small fuzz run (bench/fuzz.py's strategies, a few dozen cases a surface) in-process: REST
+"""A small fuzz run (bench/fuzz.py's strategies, 80 to 200 cases a surface) in-process: REST
 through Flask's test client (JSON, form, query string, random bodies), and both sockets'
 message handling with a socket object that records what is sent. The rule: no 5xx, no
 traceback, nothing logged as an error, an answer to every probe, ``/health`` fine after each.
 
-Chunked bodies and the sockets over the wire: tests/integration/test_input_hardening_live.py. The long
-run: ``python -m bench.fuzz --minutes N`` (docs/reliability.md).
+Chunked bodies and the sockets over the wire: tests/integration/test_input_hardening_live.py.
+The long run: ``python -m bench.fuzz --minutes N`` (docs/reliability.md).
 """
 
 from __future__ import annotations
