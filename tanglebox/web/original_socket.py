@@ -65,6 +65,7 @@ from tanglebox.chat_request import (
     parse_temperature,
     parse_user_prompt,
 )
+from tanglebox.api_tokens import TokenFileUnreadable
 from tanglebox.generation import (
     ENDED_EARLY,
     Delta,
@@ -213,7 +214,14 @@ def serve(ws: Server, runtime: Runtime, client_id: str, authenticated: bool) -> 
 def authenticate(ws: Server, message: str | bytes) -> bool:
     """Check a ``#-token-#`` message; anything else (or a wrong token) closes the socket."""
     control = parse_control(message) if isinstance(message, str) else None
-    if control is not None and control.token == TOKEN and token_is_valid(control.value):
+    try:
+        valid = control is not None and control.token == TOKEN and token_is_valid(control.value)
+    except TokenFileUnreadable as unreadable:
+        # Inside an open socket an HTTP answer cannot go out: say it here, close "try later".
+        send(ws, f"Error: {unreadable.description}")
+        close(ws, CloseReason.TRY_AGAIN_LATER, "the token file cannot be read")
+        return False
+    if valid:
         send(ws, SET_ACK)
         return True
     # The same words for a missing and a wrong token, and never the token itself.
