@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from tanglebox.client_json import RequestError, decode_json
+from tanglebox.client_json import RequestError, decode_json, shown
 from tanglebox.prompting import ASSISTANT, USER, Message
 
 HISTORY_ROLES = {"Human": USER, "AI": ASSISTANT}
@@ -64,7 +64,7 @@ def parse_temperature(value: Any, param: str = "temperature", allow_text: bool =
     number = _number(value, param, f"a number from {low:g} to {high:g}", allow_text)
     # math.isfinite() cannot take an int too large for a float (10**400): ints are finite.
     if not (isinstance(number, int) or math.isfinite(number)) or not low <= number <= high:
-        raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {value!r}")
+        raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {shown(value)}")
     return float(number)
 
 
@@ -74,10 +74,10 @@ def parse_max_new_tokens(value: Any, limit: int, param: str = "maxNewTokens",
     number = _number(value, param, expected, allow_text)
     if isinstance(number, float):
         if not number.is_integer():
-            raise RequestError(param, f"must be {expected}, got {value!r}")
+            raise RequestError(param, f"must be {expected}, got {shown(value)}")
         number = int(number)
     if not 1 <= number <= limit:
-        raise RequestError(param, f"must be {expected}, got {value!r}")
+        raise RequestError(param, f"must be {expected}, got {shown(value)}")
     return number
 
 
@@ -86,7 +86,7 @@ def parse_bool(value: Any, param: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise RequestError(param, f"must be true or false, got {value!r}")
+    raise RequestError(param, f"must be true or false, got {shown(value)}")
 
 
 def parse_history(value: Any, param: str = "conversationHistory") -> list[Message]:
@@ -152,4 +152,4 @@ def _number(value: Any, param: str, expected: str, allow_text: bool) -> int | fl
                 return float(text) if "." in text else int(text)
             except ValueError:  # more digits than int() converts (4300)
                 pass
-    raise RequestError(param, f"must be {expected}, got {value!r}")
+    raise RequestError(param, f"must be {expected}, got {shown(value)}")

@@ -32,6 +32,18 @@ class RequestError(ValueError):
         self.param = param
 
 
+SHOWN_CHARACTERS = 80  # of a bad value, where an error quotes it
+
+
+def shown(value: Any) -> str:
+    """A bad value as an error quotes it: its repr, cut short (a megabyte sent where a number
+    belongs is not sent back whole)."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[:SHOWN_CHARACTERS]}… ({len(text)} characters)"
+
+
 def decode_json(data: str | bytes, param: str, example: str, of_params: bool = False) -> Any:
     """The JSON value in ``data``; RequestError naming ``param`` (or an item inside it).
 

@@ -180,3 +180,10 @@ def test_a_same_site_page_whose_origin_is_allowed_is_served(client):
     response = client.get("/conversation?userPrompt=echo+ok", headers={
         "Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:9000"})
     assert response.status_code == 200 and response.text == "ok"
+
+
+def test_an_error_quotes_a_huge_bad_value_cut_short(client):
+    response = client.post("/conversation", json={"userPrompt": "hi", "temperature": "9" * 100_000})
+    assert response.status_code == 400
+    assert len(response.data) < 400
+    assert b"(100002 characters)" in response.data
