@@ -357,8 +357,10 @@ def test_a_client_that_leaves_frees_its_slot_for_the_next_request(fake_server, s
 
 def test_two_hundred_abandoned_requests_leak_no_threads_or_memory(fake_server):
     """vLLM's abort test, over the wire: 200 requests, dropped while streaming or queued."""
+    # All 200 from one address, past the default per-client caps on purpose.
     server = fake_server.start(fake={"max_sequences": 4, **ENDLESS_FAKE, "step_delay": 0.002},
-                               queueSize=256, **ENDLESS_SETTINGS)
+                               queueSize=256, queuePerClient=256, maxConnectionsPerClient=256,
+                               **ENDLESS_SETTINGS)
     pid = worker_pid(server)
 
     def abandon_200() -> None:
@@ -388,7 +390,9 @@ def test_two_hundred_abandoned_requests_leak_no_threads_or_memory(fake_server):
 # -- fairness --------------------------------------------------------------------------------
 
 def test_one_client_flooding_cannot_starve_another(fake_server):
-    server = fake_server.start(fake={"max_sequences": 1, "step_delay": 0.002}, queueSize=32)
+    # The flood's ten requests all wait: past the default queuePerClient on purpose.
+    server = fake_server.start(fake={"max_sequences": 1, "step_delay": 0.002}, queueSize=32,
+                               queuePerClient=16)
     finished: list[str] = []
     lock = threading.Lock()
 

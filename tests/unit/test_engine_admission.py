@@ -106,3 +106,19 @@ def test_one_client_may_have_only_its_share_of_the_queue(engine_on):
     for generation in (*waiting, other):
         streamed, _ = collect_reply(generation)
         assert streamed == "hi"
+
+
+@pytest.mark.parametrize("settings_values", [{"queuePerClient": 1, "parallelSlots": 1}])
+@pytest.mark.parametrize("fake_backend", [FakeBackend(max_sequences=1, step_delay=0.01)])
+def test_rest_answers_a_client_past_its_share_with_429_and_retry_after(app, client):
+    engine = app.extensions["tanglebox"].engine
+    running = engine.submit(request("count 5000", client="127.0.0.1"))
+    wait_until(lambda: engine.load()["busy"] == 1, what="the first reply running")
+    waiting = engine.submit(request("echo hi", client="127.0.0.1"))
+    refused = client.post("/conversation", json={"userPrompt": "echo hi"},
+                          environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) > 0
+    assert "requests waiting" in refused.get_data(as_text=True)
+    running.cancel()
+    waiting.cancel()
