@@ -25,6 +25,20 @@ DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 @dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are chosen beyond the temperature; the defaults are every surface's."""
+
+    top_p: float = 0.95  # nucleus: the smallest set of tokens whose probability reaches it
+    top_k: int = 40
+    seed: int | None = None  # None: the engine's seed sequence (the ``seed`` setting) or random
+    presence_penalty: float = 0.0  # OpenAI's rule, over the tokens of this reply
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    top_logprobs: int | None = None  # None: no log probabilities; n: each token's and the n best
+    grammar: str | None = None  # GBNF: the reply is constrained to it (llama.cpp backend)
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]  # the history, then the user's new message
     system_prompt: str  # empty: the server's default
@@ -32,6 +46,8 @@ class ChatRequest:
     max_new_tokens: int
     client_id: str = ""  # fairness: one client's many requests wait behind each other
     stop: tuple[str, ...] = ()  # extra stop strings, beside the template's
+    sampling: SamplingOptions = SamplingOptions()
+    prompt_text: str | None = None  # a raw prompt (OpenAI completions): no template, no messages
 
 
 @dataclass(frozen=True)

@@ -49,11 +49,32 @@ class ErrorCode(StrEnum):
     TEMPLATE = "template"
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
+    GRAMMAR = "grammar"  # the request's grammar (response_format) cannot be used
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's text (its bytes decoded; a part of a character shows as U+FFFD)
+    bytes: bytes
+    logprob: float  # natural log of its probability under the model (before sampling rules)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, and the most likely tokens at its position."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # With ``SamplingOptions.top_logprobs``: the tokens generated since the last Delta (a token
+    # whose text is held back, a partial character or stop string, comes with a later one).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,7 @@ class Done:
     completion_tokens: int
     cached_tokens: int  # prompt tokens reused from the conversation's previous turn
     timings: dict[str, float]
+    logprobs: tuple[TokenLogprob, ...] = ()  # every token's, when asked for (top_logprobs)
 
 
 @dataclass(frozen=True)
