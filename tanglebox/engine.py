@@ -7,18 +7,16 @@ Flow of a request::
                                   ──► WaitingQueue (bounded: full → QueueFull at once; a
                                             │  share per client; round-robin across clients)
     engine thread (a real OS thread) ◄──────┘
-      admit: render the prompt (or take a raw ``prompt_text`` as it is: no template, no
-             system prompt), tokenize, check its length in tokens, make the reply's Sampler
-             (its grammar too: one the backend cannot use is Error(grammar) here), pick the
-             free slot whose cached tokens share the longest prefix with it (else one next
-             to a busy slot, else the least recently used) and drop the rest; while replies
-             run, one prompt per step at most
+      admit: render the prompt (a raw ``prompt_text`` as it is), tokenize, check its length
+             in tokens, make its Sampler (a grammar the backend cannot use: Error(grammar)),
+             pick the free slot whose cached tokens share the longest prefix with it (else
+             one next to a busy slot, else the least recently used) and drop the rest; while
+             replies run, one prompt per step at most
       step:  one backend.decode over every active slot: one token per generating slot, plus
              prompt chunks of admitted ones (prefill interleaved with generation)
-      then:  sample (``tanglebox.sampling``), detokenize UTF-8-safely, hold back partial stop
-             strings, emit Delta (with the log probabilities of its tokens when asked); end
-             with Done(finish_reason) or Error, free the sampler's grammar and the slot (its
-             KV cache is kept for the conversation's next turn)
+      then:  sample (``tanglebox.sampling``), detokenize UTF-8-safely, hold back partial
+             stop strings, emit Delta (and its tokens' log probabilities, if asked); end with
+             Done or Error, free the grammar and the slot (its KV cache stays for the next turn)
 
 Admission is bounded so that preparing prompts never holds up running replies: tokenizing
 is work on the engine's thread (llama.cpp's tokenizer takes about a second for 1 MB), and a
@@ -266,6 +264,10 @@ class Engine:
             sampler = Sampler.for_request(request, self.backend, next(self._seeds, None))
         except GrammarError as err:
             self._fail(generation, Error(ErrorCode.GRAMMAR, str(err)))
+            return
+        except Exception:  # noqa: BLE001 - as for the prompt: this request only
+            log.exception("preparing the sampler failed")
+            self._fail(generation, PREPARING_FAILED)
             return
         slot, cached = self._choose_slot(free, tokens)
         keep = min(cached, len(tokens) - 1)

@@ -13,6 +13,7 @@ from tanglebox.prompting import USER, Message
 from tests.fake_backend import LETTER_LOGIT, VOCAB, FakeBackend
 from tests.live_server import wait_until
 from tests.replies import collect_reply
+from tests.unit.test_engine_admission import engine_on  # noqa: F401 - the fixture
 
 DIGITS = "root ::= 0123456789 "
 
@@ -24,18 +25,11 @@ def request(text: str, temperature: float = 0.0, max_new_tokens: int = 200, stop
 
 
 @pytest.fixture
-def make_engine():
-    engines = []
-
+def make_engine(engine_on):
     def make(template: str = "auto", **backend_options) -> Engine:
-        engine = Engine(FakeBackend(**backend_options), template, default_system_prompt="SYS")
-        engines.append(engine)
-        engine.start()
-        return engine
+        return engine_on(FakeBackend(**backend_options), template, default_system_prompt="SYS")
 
-    yield make
-    for engine in engines:
-        engine.stop(drain_seconds=1)
+    return make
 
 
 def reply(engine: Engine, req: ChatRequest) -> Done:
@@ -132,6 +126,18 @@ def test_a_broken_grammar_is_an_error_and_the_engine_serves_on(make_engine):
     engine = make_engine(supports_grammar=True)
     _, error = collect_reply(engine.submit(request("echo 12", grammar="digits please")))
     assert isinstance(error, Error) and error.code == "grammar"
+    assert reply(engine, request("echo next")).text == "next"
+
+
+def test_a_grammar_that_fails_to_load_ends_its_request_only(make_engine):
+    engine = make_engine(supports_grammar=True)
+
+    def broken(gbnf: str):
+        raise RuntimeError("a native failure")
+
+    engine.backend.grammar = broken
+    error = engine.submit(request("echo 12", grammar=DIGITS)).next_event(timeout=10)
+    assert isinstance(error, Error) and error.code == "internal"
     assert reply(engine, request("echo next")).text == "next"
 
 
