@@ -7,15 +7,16 @@ Flow of a request::
                                   ──► WaitingQueue (bounded: full → QueueFull at once; a
                                             │  share per client; round-robin across clients)
     engine thread (a real OS thread) ◄──────┘
-      admit: render the prompt, tokenize, check its length in tokens, pick the free slot
-             whose cached tokens share the longest prefix with it (else one next to a busy
-             slot, else the least recently used) and drop the rest; while replies run, one
-             prompt per step at most
+      admit: render the prompt (a raw ``prompt_text`` as it is), tokenize, check its length
+             in tokens, make its Sampler (a grammar the backend cannot use: Error(grammar)),
+             pick the free slot whose cached tokens share the longest prefix with it (else
+             one next to a busy slot, else the least recently used) and drop the rest; while
+             replies run, one prompt per step at most
       step:  one backend.decode over every active slot: one token per generating slot, plus
              prompt chunks of admitted ones (prefill interleaved with generation)
-      then:  sample, detokenize UTF-8-safely, hold back partial stop strings, emit Delta;
-             end with Done(finish_reason) or Error, and free the slot (its KV cache is kept
-             for the conversation's next turn)
+      then:  sample (``tanglebox.sampling``), detokenize UTF-8-safely, hold back partial
+             stop strings, emit Delta (and its tokens' log probabilities, if asked); end with
+             Done or Error, free the grammar and the slot (its KV cache stays for the next turn)
 
 Admission is bounded so that preparing prompts never holds up running replies: tokenizing
 is work on the engine's thread (llama.cpp's tokenizer takes about a second for 1 MB), and a
@@ -42,16 +43,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tanglebox import handoff
-from tanglebox.backends.base import Backend, DecodeItem
+from tanglebox.backends.base import Backend, DecodeItem, GrammarError
 from tanglebox.chat_request import ChatRequest
 from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishReason,
                                   Generation)
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
-from tanglebox.sampling import sample_token
+from tanglebox.sampling import Sampler
 from tanglebox.settings import Settings
 from tanglebox.waiting_queue import ClientQueueFull, EngineStopped, QueueFull, WaitingQueue
 
@@ -91,7 +90,7 @@ class _Sequence:
     cached_tokens: int
     to_prefill: list[int]
     reply: ReplyText
-    rng: np.random.Generator
+    sampler: Sampler
     admitted_at: float
     next_token: int | None = None
     completion_tokens: int = 0
@@ -112,7 +111,7 @@ class Engine:
         self.default_system_prompt = default_system_prompt
         self.request_timeout = request_timeout
         self.log_prompts = log_prompts
-        self._seeds = itertools.count(seed) if seed >= 0 else None
+        self._seeds = itertools.count(seed) if seed >= 0 else iter(())  # else: random
         self._slots = [_Slot(i) for i in range(backend.max_sequences)]
         self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout,
                                    queue_per_client)
@@ -146,9 +145,10 @@ class Engine:
         return generation
 
     def _too_long_in_bytes(self, request: ChatRequest) -> Error | None:
-        system_prompt = request.system_prompt or self.default_system_prompt
-        size = len(system_prompt.encode("utf-8", "surrogatepass")) + sum(
-            len(m.content.encode("utf-8", "surrogatepass")) for m in request.messages)
+        texts = [request.prompt_text] if request.prompt_text is not None else [
+            request.system_prompt or self.default_system_prompt,
+            *(m.content for m in request.messages)]
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         context = self.backend.context_length
         if size <= context * MAX_BYTES_PER_TOKEN:
             return None
@@ -158,6 +158,8 @@ class Engine:
                      "or the conversation history.")
 
     def render(self, request: ChatRequest) -> Prompt:
+        if request.prompt_text is not None:  # a raw prompt: no template, no template stops
+            return Prompt(request.prompt_text, ())
         system_prompt = request.system_prompt or self.default_system_prompt
         return render_prompt(self.template_name, list(request.messages), system_prompt,
                              self.backend.chat_format)
@@ -258,21 +260,30 @@ class Engine:
         if self.log_prompts:
             log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
                      prompt.text)
+        try:
+            sampler = Sampler.for_request(request, self.backend, next(self._seeds, None))
+        except GrammarError as err:
+            self._fail(generation, Error(ErrorCode.GRAMMAR, str(err)))
+            return
+        except Exception:  # noqa: BLE001 - as for the prompt: this request only
+            log.exception("preparing the sampler failed")
+            self._fail(generation, PREPARING_FAILED)
+            return
         slot, cached = self._choose_slot(free, tokens)
         keep = min(cached, len(tokens) - 1)
         try:
             self.backend.forget(slot.index, keep)
         except Exception:  # noqa: BLE001
             log.exception("clearing slot %d failed", slot.index)
+            sampler.close()
             self._fail(generation, PREPARING_FAILED)
             return
         del slot.tokens[keep:]
         slot.busy = True
-        seed = next(self._seeds) if self._seeds is not None else None
         self._active.append(_Sequence(
             generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
             to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
-            rng=np.random.default_rng(seed), admitted_at=time.monotonic()))
+            sampler=sampler, admitted_at=time.monotonic()))
 
     def _choose_slot(self, free: list[_Slot], tokens: list[int]) -> tuple[_Slot, int]:
         """The free slot for ``tokens`` and how many of them its cache already holds.
@@ -334,8 +345,9 @@ class Engine:
                 seq.slot.tokens.extend(item.tokens)
                 if item.want_logits:
                     try:
-                        token = sample_token(logits, seq.generation.request.temperature, seq.rng)
-                        self._accept_token(seq, token)
+                        self._accept_token(seq, seq.sampler.choose(logits))
+                    except GrammarError as err:
+                        self._fail_sequence(seq, Error(ErrorCode.GRAMMAR, str(err)))
                     except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
                         log.exception("sampling a token failed")
                         self._fail_sequence(seq, MODEL_FAILED)
@@ -361,8 +373,8 @@ class Engine:
             return
         seq.completion_tokens += 1
         delta = seq.reply.feed(self.backend.token_bytes(token))
-        if delta:
-            self._send(seq.generation, Delta(delta))
+        if delta:  # with the log probabilities of its tokens, those held back until now too
+            self._send(seq.generation, Delta(delta, seq.sampler.unsent_logprobs()))
         if seq.reply.stopped:
             self._finish(seq, FinishReason.STOP)
         elif (seq.completion_tokens >= seq.generation.request.max_new_tokens
@@ -372,9 +384,9 @@ class Engine:
             seq.next_token = token
 
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
-        rest = seq.reply.finish()
-        if rest:
-            self._send(seq.generation, Delta(rest))
+        rest, logprobs = seq.reply.finish(), seq.sampler.unsent_logprobs()
+        if rest or logprobs:
+            self._send(seq.generation, Delta(rest, logprobs))
         now = time.monotonic()
         first = seq.first_token_at or now
         generating_s = now - first
@@ -386,7 +398,7 @@ class Engine:
             if seq.completion_tokens > 1 and generating_s > 0 else 0.0,
         }
         done = Done(reason, seq.reply.text, seq.prompt_tokens, seq.completion_tokens,
-                    seq.cached_tokens, timings)
+                    seq.cached_tokens, timings, tuple(seq.sampler.logprobs))
         self._release(seq)
         self._send(seq.generation, done)
         if self.log_prompts:
@@ -399,6 +411,7 @@ class Engine:
         self._send(seq.generation, error)
 
     def _release(self, seq: _Sequence) -> None:
+        seq.sampler.close()
         self._active.remove(seq)
         seq.slot.busy = False
         seq.slot.last_used = time.monotonic()

@@ -2,8 +2,13 @@
 
 The reply to a conversation is ``fake_reply(last user message)``: ``echo TEXT`` answers TEXT
 (so a test can make the "model" say anything, an XSS payload included), ``count N`` answers
-"1 2 … N", anything else answers "You said: …". The model really works token by token through
-the engine's decode/forget interface, so slots, batching, caching and cancel are exercised.
+"1 2 … N", anything else answers "You said: …"; ``letters N`` is N tokens at each of which
+the 26 lowercase letters are equally likely (then the end), for tests of random draws. The
+model really works token by token through the engine's decode/forget interface, so slots,
+batching, caching and cancel are exercised.
+
+With ``supports_grammar=True`` it takes a "grammar" ``root ::= CHARS``: the reply may hold only
+those characters (the end of turn is always allowed); anything else is a GrammarError.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 
 import numpy as np
 
-from tanglebox.backends.base import DecodeItem
+from tanglebox.backends.base import DecodeItem, GrammarError
 from tanglebox.prompting import ModelChatFormat
 
 SPECIALS = {"<|end|>": 256, "<|user|>": 257, "<|assistant|>": 258, "<|system|>": 259}
@@ -23,6 +28,34 @@ VOCAB = 260
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 _SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+LETTER_LOGIT = 10.0  # ``letters N``: every lowercase letter has this logit, the rest 0
+
+
+class FakeConstraint:
+    """The fake grammar: a set of allowed bytes; records how it was used."""
+
+    def __init__(self, allowed: bytes) -> None:
+        self.allowed = set(allowed) | {END}
+        self.accepted: list[int] = []
+        self.restricted = 0  # how often the whole vocabulary was masked
+        self.closed = False
+
+    def allows(self, token: int) -> bool:
+        return token in self.allowed
+
+    def restrict(self, logits: np.ndarray) -> np.ndarray:
+        self.restricted += 1
+        masked = np.full_like(logits, -np.inf)
+        ids = [token for token in self.allowed if token < logits.shape[-1]]
+        masked[ids] = logits[ids]
+        return masked
+
+    def accept(self, token: int) -> None:
+        assert token in self.allowed, "accepted a token the grammar refuses"
+        self.accepted.append(token)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def fake_reply(user_text: str) -> str:
@@ -41,8 +74,11 @@ class FakeBackend:
     def __init__(self, max_sequences: int = 2, context_length: int = 4096,
                  batch_tokens: int = 64, step_delay: float = 0.0,
                  model_name: str = "fake-model", replies: dict[str, str] | None = None,
-                 crash_on_decode: bool = False, tokenize_delay: float = 0.0) -> None:
+                 crash_on_decode: bool = False, tokenize_delay: float = 0.0,
+                 supports_grammar: bool = False) -> None:
         self.model_name = model_name
+        self.supports_grammar = supports_grammar
+        self.constraints: list[FakeConstraint] = []  # every grammar made, in order
         self.replies = replies or {}  # canned replies by user text, before fake_reply's rules
         self.max_sequences = max_sequences
         self.context_length = context_length
@@ -90,6 +126,13 @@ class FakeBackend:
     def forget(self, slot: int, keep: int) -> None:
         del self.sequences[slot][keep:]
 
+    def grammar(self, gbnf: str) -> FakeConstraint:
+        assert self.supports_grammar, "the engine asked a backend without grammars for one"
+        if not gbnf.startswith("root ::= "):
+            raise GrammarError("The fake grammar must read 'root ::= CHARS'.")
+        self.constraints.append(FakeConstraint(gbnf[len("root ::= "):].encode("utf-8")))
+        return self.constraints[-1]
+
     def close(self) -> None:
         self.closed = True
 
@@ -97,10 +140,17 @@ class FakeBackend:
         start = len(sequence) - 1 - sequence[::-1].index(ASSISTANT)
         user_start = start - 1 - sequence[start - 1::-1].index(USER)
         user_text = bytes(t for t in sequence[user_start + 1:start] if t < 256).decode()
+        generated = sequence[start + 1:]
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        letters = re.fullmatch(r"letters (\d+)", user_text)
+        if letters:
+            if len(generated) < int(letters.group(1)):
+                logits[ord("a"):ord("z") + 1] = LETTER_LOGIT
+            else:
+                logits[END] = 30.0
+            return logits
         reply = self.replies.get(user_text) or fake_reply(user_text)
         target = list(reply.encode("utf-8")) + [END]
-        generated = sequence[start + 1:]
         next_token = target[len(generated)] if len(generated) < len(target) else END
-        logits = np.zeros(VOCAB, dtype=np.float32)
         logits[next_token] = 30.0
         return logits

@@ -8,6 +8,10 @@ Sequences live in numbered slots (0 .. ``max_sequences``-1), each with its own K
 logits after the last token of each item that asks for them. ``forget`` drops a slot's cached
 positions from ``keep`` on, so a conversation's next turn can reuse its cached prefix.
 All methods are called from the engine's thread only.
+
+A backend that can constrain a reply to a grammar (``supports_grammar``; llama.cpp's GBNF
+sampler) makes a :class:`TokenConstraint` per reply with ``grammar``; the engine's sampler asks
+it whether a token is allowed, and frees it when the reply ends, however it ends.
 """
 
 from __future__ import annotations
@@ -22,6 +26,26 @@ from tanglebox.prompting import ModelChatFormat
 
 class BackendError(Exception):
     """The model cannot be loaded as configured; the message says what to change."""
+
+
+class GrammarError(ValueError):
+    """A grammar cannot be used: it does not parse, or it allows no way on; says which."""
+
+
+class TokenConstraint(Protocol):
+    """What a reply may say next (a grammar), followed token by token."""
+
+    def allows(self, token: int) -> bool:
+        """Whether ``token`` may come next (checks one token: cheap)."""
+
+    def restrict(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of ``logits`` with every token that may not come next at -inf."""
+
+    def accept(self, token: int) -> None:
+        """Move past ``token``, which must be allowed."""
+
+    def close(self) -> None:
+        """Free what it holds; later calls do nothing."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,7 @@ class Backend(Protocol):
     max_sequences: int
     batch_tokens: int  # most tokens one decode call takes, over all items
     chat_format: ModelChatFormat
+    supports_grammar: bool  # ``grammar`` is there; otherwise a grammar is refused at admission
 
     def tokenize(self, text: str) -> list[int]:
         """Prompt text to tokens: special tokens parsed, BOS added if the model wants one."""
@@ -55,6 +80,10 @@ class Backend(Protocol):
 
     def forget(self, slot: int, keep: int) -> None:
         ...
+
+    def grammar(self, gbnf: str) -> TokenConstraint:
+        """A constraint to the GBNF grammar ``gbnf`` (root rule ``root``) for one reply;
+        raises GrammarError when it cannot be used. Only where ``supports_grammar``."""
 
     def close(self) -> None:
         ...

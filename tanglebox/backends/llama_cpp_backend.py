@@ -11,6 +11,8 @@ cached prefix.
 The context holds ``contextLength`` tokens per slot (``n_ctx = contextLength * slots``, with a
 separate KV stream per sequence). ctypes releases the GIL during ``llama_decode``, so the web
 greenlets keep running while the model computes.
+
+``grammar`` makes a reply's constraint to a GBNF grammar (``llama_grammar.LlamaGrammar``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import llama_cpp
 from llama_cpp import _logger as llama_logger
 
 from tanglebox.backends.base import BackendError, DecodeItem
+from tanglebox.backends.llama_grammar import LlamaGrammar
 from tanglebox.model_location import ModelLocation
 from tanglebox.prompting import ModelChatFormat
 from tanglebox.settings import Settings
@@ -50,6 +53,7 @@ def cpu_threads() -> int:
 
 class LlamaCppBackend:
     name = "llama.cpp"
+    supports_grammar = True
 
     def __init__(self, path: Path, context_length: int, slots: int, gpu_layers: int,
                  device: str, verbose: bool = False) -> None:
@@ -175,6 +179,9 @@ class LlamaCppBackend:
 
     def forget(self, slot: int, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
+
+    def grammar(self, gbnf: str) -> LlamaGrammar:
+        return LlamaGrammar(self._vocab, self._n_vocab, gbnf)
 
     def close(self) -> None:
         if self._ctx:

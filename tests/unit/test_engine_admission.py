@@ -28,8 +28,8 @@ def request(text: str, client: str = "", max_new_tokens: int = 100_000) -> ChatR
 def engine_on():
     engines = []
 
-    def make(backend: FakeBackend, **options) -> Engine:
-        engine = Engine(backend, "auto", **options)
+    def make(backend: FakeBackend, template: str = "auto", **options) -> Engine:
+        engine = Engine(backend, template, **options)
         engines.append(engine)
         engine.start()
         return engine

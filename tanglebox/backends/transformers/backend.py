@@ -46,6 +46,7 @@ class _Batch:
 
 class TransformersBackend:
     name = "transformers"
+    supports_grammar = False  # no grammar sampler here: a request with one is refused
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str, device: str,
                  context_length: int, max_sequences: int, batch_tokens: int) -> None:
