@@ -22,16 +22,19 @@ from typing import Any
 import numpy as np
 
 from tanglebox.backends.base import BackendError
+from tanglebox.backends.transformers.plan import require_torch
 from tanglebox.backends.transformers.tokens import adds_bos
 
 
 class TransformersEmbeddings:
+    """Mean-pooled vectors of token lists on a TransformersBackend's model; see the module."""
+
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         model = backend.model
         if model is None:
             raise BackendError("the model has been unloaded")
-        self._torch = backend._torch
+        self._torch = require_torch()
         self._base = model.base_model
         if self._base is model:
             raise BackendError("it has no base model to read hidden states from")
