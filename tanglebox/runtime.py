@@ -22,19 +22,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 
+from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest, Limits
 from tanglebox.engine import ClientQueueFull, Engine, EngineStopped, QueueFull
 from tanglebox.generation import SHUTTING_DOWN, Generation
 from tanglebox.settings import Settings
+
+if TYPE_CHECKING:
+    from tanglebox.embeddings import Embedder
 
 MAINTENANCE_RETRY_AFTER = 60
 LOADING_RETRY_AFTER = 5
 SHUTDOWN_RETRY_AFTER = 5
 SERVICE_UNAVAILABLE = 503
 TOO_MANY_REQUESTS = 429
+# The one sentence for a full queue, replies and embeddings alike.
+QUEUE_FULL_MESSAGE = "The server is busy with other replies; try again in a few seconds."
 
 
 class RuntimeState(StrEnum):
@@ -79,6 +86,8 @@ class Runtime:
     state: RuntimeState = RuntimeState.LOADING
     load_error: str = ""
     started_at: float = field(default_factory=time.time)  # the OpenAI API's model "created"
+    _embedder: Embedder | None = field(default=None, init=False, repr=False)
+    _embedder_lock: Any = field(default_factory=handoff.native_lock, init=False, repr=False)
 
     def attach_engine(self, engine: Engine) -> None:
         self.engine = engine
@@ -113,11 +122,20 @@ class Runtime:
                           "wait for them before sending more.", full.retry_after,
                           TOO_MANY_REQUESTS) from None
         except QueueFull as full:
-            raise Refused(Refusal.QUEUE_FULL, "The server is busy with other replies; try "
-                                              "again in a few seconds.",
-                          full.retry_after) from None
+            raise Refused(Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, full.retry_after) from None
         except EngineStopped:
             raise Refused(Refusal.SHUTTING_DOWN, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
+
+    def embedder(self) -> Embedder:
+        """The model's embedder (``tanglebox.embeddings``), made at the first call, one per
+        engine; raises Refused as ``check_open`` does. It is closed with the engine: stopping
+        the engine closes the backend and with it the embeddings context."""
+        self.check_open()
+        from tanglebox.embeddings import Embedder  # it imports this module (Refused)
+        with self._embedder_lock:  # no wait inside: safe in a greenlet too
+            if self._embedder is None or self._embedder.backend is not self.engine.backend:
+                self._embedder = Embedder(self.engine.backend)
+            return self._embedder
 
     def limits(self) -> Limits:
         s = self.settings

@@ -21,17 +21,22 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import llama_cpp
 from llama_cpp import _logger as llama_logger
 
+from tanglebox import handoff
 from tanglebox.backends.base import BackendError, DecodeItem
 from tanglebox.backends.llama_grammar import LlamaGrammar
 from tanglebox.model_location import ModelLocation
 from tanglebox.prompting import ModelChatFormat
 from tanglebox.settings import Settings
+
+if TYPE_CHECKING:
+    from tanglebox.backends.llama_cpp_embeddings import LlamaCppEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +189,7 @@ class LlamaCppBackend:
         return LlamaGrammar(self._vocab, self._n_vocab, gbnf)
 
     def close(self) -> None:
+        self._close_embeddings()  # a context on the model: freed before the model
         if self._ctx:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
@@ -215,3 +221,27 @@ class LlamaCppBackend:
     def _chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self._model, None)
         return template.decode("utf-8") if template else None
+
+    # -- embeddings (tanglebox.embeddings; the context: tanglebox.backends.llama_cpp_embeddings)
+
+    _embeddings = None  # the embeddings context, once opened
+    _embeddings_closed = False
+    _embeddings_guard = handoff.native_lock()  # opening (embedding thread) vs close (engine's)
+
+    def open_embeddings(self) -> "LlamaCppEmbeddings":
+        """A second context on this model for embeddings, made at the first call (on the
+        embedding thread); BackendError with the reason where it cannot be made."""
+        from tanglebox.backends.llama_cpp_embeddings import LlamaCppEmbeddings
+        with self._embeddings_guard:
+            if self._embeddings_closed:
+                raise BackendError("the model has been unloaded")
+            if self._embeddings is None:
+                self._embeddings = LlamaCppEmbeddings(self._model, self.context_length,
+                                                      cpu_threads())
+            return self._embeddings
+
+    def _close_embeddings(self) -> None:
+        with self._embeddings_guard:
+            self._embeddings_closed = True
+            if self._embeddings is not None:
+                self._embeddings.close()  # waits for a running decode

@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from tanglebox.backends.transformers.plan import (DeviceInfo, LoadingPlan, loadi
 from tanglebox.backends.transformers.tokens import (TokenBytes, adds_bos, chat_format_of,
                                                     end_of_turn_ids)
 from tanglebox.model_location import ModelLocation
+
+if TYPE_CHECKING:
+    from tanglebox.backends.transformers.embeddings import TransformersEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +232,13 @@ class TransformersBackend:
                        layer.values[row:row + 1, :, pad:].clone())
                       for layer in batch.cache.layers]
             self._caches[slot] = self._DynamicCache(ddp_cache_data=layers)
+
+    # -- embeddings (tanglebox.embeddings) ------------------------------------------------
+
+    def open_embeddings(self) -> "TransformersEmbeddings":
+        """Mean-pooled embeddings on this model, for the embedding thread (see the module)."""
+        from tanglebox.backends.transformers.embeddings import TransformersEmbeddings
+        return TransformersEmbeddings(self)
 
 
 def _left_pad(torch: Any, states: Any, pad: int) -> Any:
