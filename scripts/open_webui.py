@@ -18,7 +18,10 @@ Everything runs offline, on loopback ports, in a temporary work folder. Two runs
    (``scripts/recording_proxy.py``) in front of its ``/v1``, then Open WebUI pointed at the proxy
    (the environment of :func:`open_webui_env`). Chromium opens Open WebUI, picks Tanglebox's
    model, asks :data:`QUESTION`, waits until the reply has finished streaming, checks that it is
-   non-empty and shown, and saves ``docs/screenshots/open-webui.png`` (1280x800).
+   non-empty and shown and that Tanglebox sent it in pieces as it grew, and saves
+   ``docs/screenshots/open-webui.png`` (1280x800). Then it asks for a long reply and presses
+   Open WebUI's Stop: the stream must end without ``[DONE]`` (Open WebUI closed it, which
+   cancels the generation: Tanglebox's own tests hold that part) and every slot be free.
 2. **tokens** (``isApiTokensRequired``, a token file in the work folder, Open WebUI given the
    token): a chat works; then the token is revoked (Tanglebox re-reads its token file), so the
    key Open WebUI holds is now wrong, and the next message must show Tanglebox's 401 message in
@@ -26,8 +29,10 @@ Everything runs offline, on loopback ports, in a temporary work folder. Two runs
 
 Every request Open WebUI sent to ``/v1`` is printed (one line each) and kept, bodies included,
 in ``requests-<run>.jsonl`` in the work folder. The last line is ``PASS`` or ``FAIL: why``
-(exit status 0 or 1). All servers are stopped at the end (their process groups), also on
-failure; the work folder is removed after a PASS unless ``--keep-work``.
+(exit status 0 or 1); after a failure the page is in ``<run>/failure.png``. All servers are
+stopped at the end (their process groups), also on failure, Ctrl-C or SIGTERM; the work folder
+is removed after a PASS unless ``--keep-work``. ``--builtin-tools`` and ``--open-webui-tasks``
+leave two Open WebUI defaults on (see :func:`open_webui_env`).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -49,14 +56,15 @@ import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from bench.servers import ServerProcess, free_port
-from scripts.recording_proxy import RecordingProxy
+from scripts.recording_proxy import Exchange, RecordingProxy
 from tanglebox.api_tokens import add_token, revoke_token
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, wait_until_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "screenshots" / "open-webui.png"
 QUESTION = "What is the capital of France? Answer in one sentence."
+LONG_QUESTION = "Count from 1 to 1000, one number per line."  # long enough to stop midway
 UI_DEADLINE_MS = 60_000  # Open WebUI's first page load on 2 busy cores; a bound, not a goal
 REPLY_DEADLINE_MS = 180_000  # the real model on 2 busy cores
 TASKS_DEADLINE_S = 600.0  # Open WebUI's title, follow-up and tag requests on 2 busy cores
@@ -179,7 +187,10 @@ def chat(page: Page, text: str) -> Reply:
                                                            timeout=REPLY_DEADLINE_MS)
     content = answer.locator("#response-content-container")
     expect(content).to_be_visible()
-    reply = content.inner_text().strip()
+    # the reply is rendered as Markdown; an error (Tanglebox's 4xx message) in a plain box
+    reply = "\n".join(content.locator(".markdown-prose").all_inner_texts()).strip()
+    if not reply:
+        raise Failed(f"Open WebUI shows no reply but: {content.inner_text().strip()[:300]!r}")
     updates = page.evaluate("() => window.__replyTexts.length")
     return Reply(reply, updates)
 
@@ -195,6 +206,14 @@ def settle(page: Page, proxy: RecordingProxy, seconds: float) -> None:
     expect(page.get_by_role("button", name="Stop")).to_be_hidden(timeout=UI_DEADLINE_MS)
 
 
+def close_notices(page: Page) -> None:
+    """Close the pop-up notices ("You're now logged in.") that would cover the screenshot."""
+    close = page.get_by_role("button", name="Close toast")
+    for button in close.all():
+        button.dispatch_event("click")  # the button may be fading in: no wait for "visible"
+    expect(close).to_have_count(0)
+
+
 @contextmanager
 def screenshot_on_failure(page: Page, path: Path) -> Iterator[None]:
     try:
@@ -205,14 +224,20 @@ def screenshot_on_failure(page: Page, path: Path) -> Iterator[None]:
         raise
 
 
-def check_streamed(proxy: RecordingProxy) -> str:
-    """The chat request was streamed (SSE, several events, [DONE]); one line about it."""
+def last_stream(proxy: RecordingProxy) -> Exchange:
+    """The last streamed /v1/chat/completions request Open WebUI sent."""
     streamed = [e for e in proxy.exchanges if e.path.endswith("/chat/completions")
                 and isinstance(e.request_body, dict) and e.request_body.get("stream")]
     if not streamed:
         raise Failed("Open WebUI sent no streamed /v1/chat/completions request")
-    last = streamed[-1]
-    if last.status != 200 or last.sse_events < 2 or not last.sse_done:
+    return streamed[-1]
+
+
+def check_streamed(proxy: RecordingProxy) -> str:
+    """The chat reply was streamed: SSE events, sent in several pieces as they were made
+    (not buffered into one), ending with [DONE]; one line about it."""
+    last = last_stream(proxy)
+    if last.status != 200 or last.sse_events < 2 or last.pieces < 2 or not last.sse_done:
         raise Failed(f"the streamed chat did not stream: {last.summary()}; "
                      f"body: {last.response_excerpt[:300]!r}")
     return f"{last.sse_events} SSE events + [DONE] in {last.pieces} pieces"
@@ -277,16 +302,33 @@ def run_open(browser: Browser, options: Options, screenshot: Path) -> str:
         with screenshot_on_failure(page, options.work / "open" / "failure.png"):
             open_chat(page, servers.open_webui.url, servers.model)
             reply = chat(page, QUESTION)
-            if not reply.text:
-                raise Failed("the reply in Open WebUI is empty")
             streamed = check_streamed(servers.proxy)
             settle(page, servers.proxy, options.settle_seconds)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
+        close_notices(page)
         page.screenshot(path=str(screenshot))
         print(f"[open] reply: {reply.text!r}")
         print(f"[open] streamed: {streamed}; the page showed {reply.visible_updates} "
               f"successive texts; screenshot {screenshot}")
+        with screenshot_on_failure(page, options.work / "open" / "failure.png"):
+            stop_mid_reply(page, servers, options.settle_seconds)
         return reply.text
+
+
+def stop_mid_reply(page: Page, servers: Servers, seconds: float) -> None:
+    """Open WebUI's Stop button, pressed while a reply streams, cuts Tanglebox's stream (no
+    ``[DONE]``), and Tanglebox's slots are free afterwards."""
+    answer = send(page, LONG_QUESTION)
+    expect(answer.locator("#response-content-container")).to_contain_text(
+        re.compile(r"\S"), timeout=REPLY_DEADLINE_MS)
+    page.get_by_role("button", name="Stop").click()
+    servers.proxy.wait_until_answered(seconds)
+    stream = last_stream(servers.proxy)
+    if stream.sse_done:
+        raise Failed(f"Stop did not cut the stream: Tanglebox finished it ({stream.summary()})")
+    wait_until_idle(servers.tanglebox, seconds)
+    print(f"[open] Stop after {stream.sse_events} SSE events: the stream was cut (no [DONE]) "
+          "and Tanglebox's slots are free")
 
 
 def run_tokens(browser: Browser, options: Options) -> None:
@@ -302,8 +344,6 @@ def run_tokens(browser: Browser, options: Options) -> None:
         with screenshot_on_failure(page, options.work / "tokens" / "failure.png"):
             open_chat(page, servers.open_webui.url, servers.model)
             reply = chat(page, QUESTION)
-            if not reply.text:
-                raise Failed("with the token, the reply in Open WebUI is empty")
             settle(page, servers.proxy, options.settle_seconds)
             print(f"[tokens] with the token: reply {reply.text!r}")
             revoke_token(tokens_file, "open-webui")
@@ -346,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.open_webui_venv / "bin" / "open-webui").exists():
         print(f"FAIL: no open-webui in {args.open_webui_venv}/bin (see this script's docstring)")
         return 1
+    # SIGTERM unwinds like Ctrl-C, so the servers' process groups are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="tanglebox-open-webui-"))
     options = Options(work, args.open_webui_venv, args.builtin_tools, args.open_webui_tasks)
     print(f"work folder: {work}")

@@ -169,17 +169,20 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def _relay_pieces(self, response: http.client.HTTPResponse, exchange: Exchange) -> None:
         started = time.monotonic()
         received = bytearray()
-        while piece := response.read1(65536):
-            now = time.monotonic() - started
-            exchange.first_byte_s = now if exchange.first_byte_s is None else exchange.first_byte_s
-            exchange.last_byte_s = now
-            exchange.pieces += 1
-            received += piece
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        try:
+            while piece := response.read1(65536):
+                now = time.monotonic() - started
+                if exchange.first_byte_s is None:
+                    exchange.first_byte_s = now
+                exchange.last_byte_s = now
+                exchange.pieces += 1
+                received += piece
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-        exchange.body_text = received.decode("utf-8", errors="replace")
+        finally:  # also when the client went away mid-stream: what it was sent until then
+            exchange.body_text = received.decode("utf-8", errors="replace")
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
