@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Iterator
 
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from bench.servers import ServerProcess, free_port
 from scripts.recording_proxy import Exchange, RecordingProxy
@@ -68,7 +68,8 @@ LONG_QUESTION = "Count from 1 to 1000, one number per line."  # long enough to s
 UI_DEADLINE_MS = 60_000  # Open WebUI's first page load on 2 busy cores; a bound, not a goal
 REPLY_DEADLINE_MS = 180_000  # the real model on 2 busy cores
 TASKS_DEADLINE_S = 600.0  # Open WebUI's title, follow-up and tag requests on 2 busy cores
-TANGLEBOX_SETTINGS = {"temperature": 0, "enableWebLogOutput": True}  # a repeatable answer
+# temperature 0: a repeatable answer; the access log goes to the run's server.log
+TANGLEBOX_SETTINGS = {"temperature": 0, "enableWebLogOutput": True}
 
 
 class Failed(Exception):
@@ -86,13 +87,13 @@ def open_webui_env(folder: Path, base_url: str, key: str, model: str,
     """Open WebUI's environment: offline, no sign-in, one OpenAI connection (Tanglebox).
 
     ``builtin_tools`` False sets the one model default this needs: since 0.12 Open WebUI sends
-    its built-in tools (``tools``, about 24 KB of function specs) with every chat, and
+    its built-in tools (``tools``: 36 function specs, about 25 KB) with every chat, and
     Tanglebox refuses ``tools`` with a 400 (it cannot call tools).
 
     ``tasks`` False turns off the requests Open WebUI makes after each reply (a title with
     ``max_tokens`` 1000, follow-up suggestions, tags): the 135M model does not produce their
-    JSON and runs to the limit, 1000 + 512 tokens that took 66 + 93 s on this project's busy
-    2-core machine while holding two slots. They are ordinary chat completions that Tanglebox
+    JSON and runs to the limit, 1000 + 512 tokens: 66 + 93 s alone, 6 and 8 minutes beside the
+    chat on this project's busy 2-core machine, holding two slots. They are ordinary chat completions that Tanglebox
     answers; ``--open-webui-tasks`` keeps them."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -151,7 +152,7 @@ def open_chat(page: Page, url: str, model: str) -> None:
     expect(selector).to_have_attribute("aria-label", f"Selected model: {model}")
 
 
-def send(page: Page, text: str):
+def send(page: Page, text: str) -> Locator:
     """Type ``text`` into the chat box, press Enter; the locator of the reply's message."""
     answers = page.locator('[id^="message-"]').filter(has=page.locator(".chat-assistant"))
     before = answers.count()
