@@ -19,6 +19,12 @@ from tanglebox.prompting import ASSISTANT, USER, Message
 HISTORY_ROLES = {"Human": USER, "AI": ASSISTANT}
 HISTORY_EXAMPLE = 'an array of [role, message] pairs, e.g. [["Human","hi"],["AI","hello"]]'
 TEMPERATURE_RANGE = (0.0, 2.0)
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+LOGIT_BIAS_RANGE = (-100, 100)
+MAX_LOGIT_BIAS = 300  # tokens in one logit_bias (OpenAI's limit)
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 1000
 # A number written as text (a query string, a form, a socket message): plain decimal only.
 # int() and float() also take "1_0", "1e2", " ١٠ ", "inf" and "nan"; none of them is meant.
 DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
@@ -94,6 +100,86 @@ def parse_max_new_tokens(value: Any, limit: int, param: str = "maxNewTokens",
         number = int(number)
     if not 1 <= number <= limit:
         raise RequestError(param, f"must be {expected}, got {shown(value)}")
+    return number
+
+
+def parse_top_p(value: Any, param: str = "top_p") -> float:
+    number = _number(value, param, "a number from 0 to 1", allow_text=False)
+    if not (isinstance(number, int) or math.isfinite(number)) or not 0 <= number <= 1:
+        raise RequestError(param, f"must be a number from 0 to 1, got {shown(value)}")
+    return float(number)
+
+
+def parse_top_k(value: Any, param: str = "top_k") -> int:
+    """0 turns top-k off (every token stays a candidate)."""
+    number = _number(value, param, f"a whole number from 0 to {MAX_TOP_K}", allow_text=False)
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if not isinstance(number, int) or not 0 <= number <= MAX_TOP_K:
+        raise RequestError(param, f"must be a whole number from 0 to {MAX_TOP_K}, "
+                                  f"got {shown(value)}")
+    return number
+
+
+def parse_seed(value: Any, param: str = "seed") -> int:
+    """Any whole number: the same seed, prompt and parameters give the same reply."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(param, f"must be a whole number, got {shown(value)}")
+    return value & (2 ** 64 - 1)
+
+
+def parse_penalty(value: Any, param: str) -> float:
+    low, high = PENALTY_RANGE
+    number = _number(value, param, f"a number from {low:g} to {high:g}", allow_text=False)
+    if not (isinstance(number, int) or math.isfinite(number)) or not low <= number <= high:
+        raise RequestError(param, f"must be a number from {low:g} to {high:g}, got {shown(value)}")
+    return float(number)
+
+
+def parse_stop(value: Any, param: str = "stop") -> tuple[str, ...]:
+    """A string or a list of up to ``MAX_STOP_STRINGS`` strings that end the reply."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise RequestError(param, "must be a string or an array of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise RequestError(param, f"may hold at most {MAX_STOP_STRINGS} strings, got {len(items)}")
+    if any(not item for item in items):
+        raise RequestError(param, "must not contain an empty string")
+    return tuple(items)
+
+
+def parse_logit_bias(value: Any, vocabulary_size: int,
+                     param: str = "logit_bias") -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}``, each bias from -100 (never) to 100 (always), added to the logit."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError(param, 'must be an object of token ids and biases, e.g. {"50256": -100}')
+    if len(value) > MAX_LOGIT_BIAS:
+        raise RequestError(param, f"may hold at most {MAX_LOGIT_BIAS} tokens, got {len(value)}")
+    biases = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()
+                and int(key) < vocabulary_size):
+            raise RequestError(param, f"keys must be token ids from 0 to {vocabulary_size - 1}, "
+                                      f"got {shown(key)}")
+        low, high = LOGIT_BIAS_RANGE
+        number = _number(bias, f"{param}.{key}", f"a number from {low} to {high}",
+                         allow_text=False)
+        if not (isinstance(number, int) or math.isfinite(number)) or not low <= number <= high:
+            raise RequestError(f"{param}.{key}", f"must be a number from {low} to {high}, "
+                                                 f"got {shown(bias)}")
+        biases.append((int(key), float(number)))
+    return tuple(biases)
+
+
+def parse_top_logprobs(value: Any, limit: int = MAX_TOP_LOGPROBS,
+                       param: str = "top_logprobs") -> int:
+    number = _number(value, param, f"a whole number from 0 to {limit}", allow_text=False)
+    if not isinstance(number, int) or not 0 <= number <= limit:
+        raise RequestError(param, f"must be a whole number from 0 to {limit}, got {shown(value)}")
     return number
 
 

@@ -26,6 +26,17 @@ class ModelLocation:
     gguf: bool  # a single .gguf file (else a transformers folder)
 
 
+def model_id(settings: Settings) -> str:
+    """The model's id in the OpenAI API: ``modelId``, else the model file's or folder's name
+    (``SmolLM2-135M-Instruct`` for the embedded model)."""
+    if settings["modelId"]:
+        return settings["modelId"]
+    name = settings["modelName"]
+    if name == EMBEDDED_MODEL:
+        return name.partition(":")[2]
+    return Path(name).name or name
+
+
 def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

@@ -19,7 +19,8 @@ socket) call :meth:`Runtime.check_open` first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flask import current_app
@@ -77,6 +78,7 @@ class Runtime:
     engine: Engine | None = None
     state: RuntimeState = RuntimeState.LOADING
     load_error: str = ""
+    started_at: float = field(default_factory=time.time)  # the OpenAI API's model "created"
 
     def attach_engine(self, engine: Engine) -> None:
         self.engine = engine

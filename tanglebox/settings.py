@@ -62,7 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("conversationTemplate", "auto", str,
             "A template from `conversation_templates.py`; `auto` uses the model's own chat template.",
             original=True),
-    Setting("enableApi", True, bool, "Serve `/conversation` and the original websocket at `/`.",
+    Setting("enableApi", True, bool, "Serve `/conversation`, the original websocket at `/` and the OpenAI API at `/v1`.",
             original=True),
     Setting("enableModelDebugOutput", False, bool, "Log prompts and model timings (verbose).",
             original=True),
@@ -98,6 +98,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Tokens of context per conversation (prompt + history + reply).", minimum=64),
     Setting("maxNewTokensLimit", 4096, int,
             "The largest `maxNewTokens` a client may ask for; larger asks get a 400.", minimum=1),
+    Setting("modelId", "", str,
+            "The model's id in the OpenAI API (`/v1/models`, the `model` field); empty: the model "
+            "file's or folder's name (`SmolLM2-135M-Instruct` for the embedded model)."),
+    Setting("modelAliases", [], list,
+            "Other names the OpenAI API accepts for the model (e.g. `gpt-4o-mini`, for clients "
+            "that insist on one)."),
     Setting("systemPrompt", "", str,
             "System prompt used when a request sends none (empty: the template's own)."),
     Setting("seed", -1, int, "Sampling seed; -1 picks a fresh one per reply."),

@@ -5,6 +5,7 @@
 - ``api``: ``/conversation``, the original REST contract
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
+- ``openai_api``: the OpenAI-compatible API under ``/v1`` (its errors in OpenAI's shape)
 
 In front of the app, ``connection_limits.ConnectionGuard`` caps the connections per client
 address and in total, and reads request bodies within a deadline.
@@ -53,11 +54,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)
 
-    from tanglebox.web import api, original_socket, pages, signin, ui_socket
+    from tanglebox.web import api, openai_api, original_socket, pages, signin, ui_socket
+    from tanglebox.web.openai_wire import OpenAIError
+    app.register_error_handler(OpenAIError, openai_api.openai_error)
     signin.init_app(app)
     sock = Sock(app)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(openai_api.blueprint)
     original_socket.register(sock)
     ui_socket.register(sock)
     return app
@@ -69,7 +73,11 @@ def wants_json() -> bool:
 
 
 def error_response(error: HTTPException) -> Response:
-    """Errors as plain text (what the original's clients read) or JSON when asked for."""
+    """Errors as plain text (what the original's clients read) or JSON when asked for; under
+    ``/v1`` in OpenAI's shape."""
+    from tanglebox.web import openai_api
+    if openai_api.is_openai_path():
+        return openai_api.http_error(error)
     message = error.description or error.name
     if wants_json():
         response = Response(
@@ -85,6 +93,9 @@ def error_response(error: HTTPException) -> Response:
 
 def refusal_response(refusal: Refused) -> Response:
     """A request the server will not start now: its status and sentence, and Retry-After."""
+    from tanglebox.web import openai_api
+    if openai_api.is_openai_path():
+        return openai_api.refusal(refusal)
     response = error_response(default_exceptions[refusal.status](refusal.message))
     response.headers["Retry-After"] = str(refusal.retry_after)
     return response

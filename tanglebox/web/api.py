@@ -41,7 +41,7 @@ from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
 from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, StreamCut, final_event,
                                       first_event, streamed)
-from tanglebox.web.security import origin_allowed, origin_listed
+from tanglebox.web.cors import add_cors_headers, options_response, refuse_cross_site_browsers
 
 blueprint = Blueprint("api", __name__)
 blueprint.before_request(require_api_enabled)
@@ -51,22 +51,14 @@ ALLOWED_METHODS = "GET, POST, OPTIONS"
 BODY_EXAMPLE = '{"userPrompt": "Hello"}'
 
 
-@blueprint.after_request
-def add_cors_headers(response: Response) -> Response:
-    """CORS only for origins in ``allowedOrigins``: never ``*``, never credentials."""
-    response.vary.add("Origin")
-    origin = request.headers.get("Origin")
-    if origin_listed(origin):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
-    return response
+blueprint.after_request(add_cors_headers)
 
 
 @blueprint.route("/conversation", methods=["GET", "POST", "OPTIONS"],
                  provide_automatic_options=False)
 def conversation() -> Response:
     if request.method == "OPTIONS":
-        return options_response()
+        return options_response(ALLOWED_METHODS)
     refuse_cross_site_browsers()
     params, from_json = read_parameters()
     require_token()
@@ -96,28 +88,6 @@ def conversation() -> Response:
 
 
 # -- 1. parameters ---------------------------------------------------------------------------
-
-def refuse_cross_site_browsers() -> None:
-    """403 for a request a page of another origin made a browser send, unless that origin is
-    in ``allowedOrigins``; the rule for every method (``POST`` also meets the app-wide Origin
-    check).
-
-    A ``GET`` made by an ``<img src=…/conversation?userPrompt=…>`` or a link carries no Origin,
-    so browsers' ``Sec-Fetch-Site`` tells: ``cross-site`` (another site) and ``same-site``
-    (the same host on another port or scheme, e.g. another local server's page on 127.0.0.1)
-    are refused; ``same-origin`` and ``none`` (typed in the address bar) are served. A browser
-    without Sec-Fetch-Site still sends Origin on a ``fetch`` from another origin. Scripts send
-    neither header and are served as before (tokens guard them).
-    """
-    origin = request.headers.get("Origin")
-    if origin_listed(origin):
-        return
-    if (request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site")
-            or not origin_allowed(origin)):
-        abort(403, description="Origin: requests made by pages of another origin are "
-                               "not allowed; add its origin to \"allowedOrigins\" in "
-                               "settings.json.")
-
 
 def read_parameters() -> tuple[Mapping[str, Any], bool]:
     """The request's parameters, and whether they came from JSON (numbers must be numbers)."""
@@ -235,17 +205,3 @@ def reply_json(done: Done, model: str) -> dict[str, Any]:
         "timings": done.timings,
         "model": model,
     }
-
-
-# -- CORS ------------------------------------------------------------------------------------
-
-def options_response() -> Response:
-    """Answer a CORS preflight for allowed origins; anyone else learns only ``Allow``."""
-    response = Response(status=204, headers={"Allow": ALLOWED_METHODS})
-    del response.headers["Content-Type"]  # no body
-    if origin_listed(request.headers.get("Origin")) and request.headers.get(
-            "Access-Control-Request-Method"):
-        response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Accept"
-        response.headers["Access-Control-Max-Age"] = "600"
-    return response
