@@ -16,7 +16,10 @@ sockets against a live server). What is generated:
   deep, numbers written as ``1_0`` or ``1e2``; sent as a JSON body, a form, a query string, a
   random body, or (live) a chunked body whose framing may be broken;
 - ``/ws/chat``: the chat form's JSON messages with such values, and random text and bytes;
-- ``/``: control messages with random values, and random prompts.
+- ``/``: control messages with random values, and random prompts;
+- the OpenAI API (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``): bodies
+  with its parameters holding such values, right and wrong; every error must also be in
+  OpenAI's shape, which the SDKs read.
 
 A socket message counts as answered when a probe sent after it is answered (``#-ping-#``, or an
 unknown action on ``/ws/chat``), so a message the server silently drops is fine and a server
@@ -78,6 +81,39 @@ parameters = st.one_of(
                           optional={k: v for k, v in values.items() if k != "userPrompt"}),
     st.fixed_dictionaries({}, optional=values),
     st.dictionaries(texts, json_values, max_size=3))
+
+
+# The OpenAI API: bodies with its parameters, right and wrong, for each of its POST routes.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool"]) | json_values,
+     "content": st.sampled_from(PROMPTS) | texts | st.lists(st.fixed_dictionaries(
+         {"type": st.sampled_from(["text", "image_url"]) | json_values,
+          "text": texts | json_values}), max_size=2) | json_values}), max_size=3) | json_values
+openai_values = {
+    "model": st.sampled_from(["SmolLM2-135M-Instruct", "fake-model", "gpt-4o"]) | json_values,
+    "messages": messages, "prompt": st.sampled_from(PROMPTS) | texts | json_values,
+    "input": st.lists(texts, max_size=3) | json_values,
+    "max_tokens": st.integers(min_value=-2, max_value=20) | json_values,
+    "max_completion_tokens": st.integers(min_value=-2, max_value=20) | json_values,
+    "temperature": st.floats(min_value=-1, max_value=3) | json_values,
+    "top_p": json_values, "top_k": json_values, "n": json_values, "seed": json_values,
+    "stream": st.booleans() | json_values, "stop": json_values, "logit_bias": json_values,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_values,
+    "logprobs": st.booleans() | st.integers(-1, 7) | json_values,
+    "top_logprobs": st.integers(-1, 25) | json_values,
+    "presence_penalty": json_values, "frequency_penalty": json_values,
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema"]) | json_values},
+        optional={"json_schema": json_values}) | json_values,
+    "encoding_format": st.sampled_from(["float", "base64"]) | json_values,
+    "tools": json_values, "echo": json_values, "suffix": json_values, "best_of": json_values,
+}
+openai_bodies = st.fixed_dictionaries({}, optional=openai_values) | json_values
+OPENAI_SEEDS = ({"messages": [{"role": "user", "content": "echo \ud800"}]},
+                {"messages": [{"role": "user", "content": [{"type": "text", "text": ["x"]}]}]},
+                {"prompt": "hi", "logprobs": True},
+                {"input": ["a", ""], "encoding_format": "base64"})
 
 
 @dataclass(frozen=True)
@@ -166,6 +202,22 @@ def rest_problem(status: int, body: str, sent: object) -> str:
     return ""
 
 
+def openai_problem(status: int, body: str, sent: object) -> str:
+    """``rest_problem``, and every error in OpenAI's shape (``{"error": {"message", "type",
+    "param", "code"}}``) so that the SDKs can raise their typed exceptions."""
+    if problem := rest_problem(status, body, sent):
+        return problem
+    if status >= 400:
+        try:
+            error = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            return f"{status} not in OpenAI's error shape: {body[:200]!r}"
+        if not (isinstance(error, dict) and error.get("message") and {
+                "type", "param", "code"} <= set(error)):
+            return f"{status} not in OpenAI's error shape: {body[:200]!r}"
+    return ""
+
+
 def socket_problem(answers: list[str | bytes], sent: object) -> str:
     """What is wrong with a socket's answers to ``sent``: a traceback, or an HTTP error
     response written into the socket ("" when nothing is)."""
@@ -210,6 +262,16 @@ def send_rest(url: str, case: RestCase) -> tuple[int, str]:
                           "raw": (case.raw, "application/json")}[case.encoding]
             answer = requests.post(target, data=body, headers={**headers, "Content-Type": kind},
                                    timeout=DEADLINE)
+    except requests.Timeout as err:
+        raise TimeoutError(str(err)) from None
+    return answer.status_code, answer.text
+
+
+def send_openai(url: str, path: str, body: object) -> tuple[int, str]:
+    """POST ``body`` as JSON to ``url`` + ``path``; (status, body). A hang raises TimeoutError."""
+    try:
+        answer = requests.post(url + path, data=json_bytes(body), timeout=DEADLINE,
+                               headers={"Content-Type": "application/json"})
     except requests.Timeout as err:
         raise TimeoutError(str(err)) from None
     return answer.status_code, answer.text
@@ -301,7 +363,7 @@ def fuzz(url: str, minutes: float, rounds: int = 6) -> Tally:
     """Each surface in turn for its share of ``minutes``, ``rounds`` times; /health after
     each round."""
     tally = Tally()
-    share = minutes * 60 / (3 * rounds)
+    share = minutes * 60 / (4 * rounds)
 
     def rest(case: RestCase) -> None:
         try:
@@ -310,6 +372,15 @@ def fuzz(url: str, minutes: float, rounds: int = 6) -> Tally:
             tally.note(f"rest/{case.encoding}", "hang", f"{case!r:.200}: {err}")
             return
         tally.note(f"rest/{case.encoding}", str(status), rest_problem(status, body, case))
+
+    def openai(case: tuple[str, object]) -> None:
+        path, body = case
+        try:
+            status, text = send_openai(url, path, body)
+        except (TimeoutError, OSError) as err:
+            tally.note(path, "hang", f"{body!r:.200}: {err}")
+            return
+        tally.note(path, str(status), openai_problem(status, text, body))
 
     def on_socket(surface: str, path: str, send: Callable) -> Callable:
         def check(message) -> None:
@@ -329,6 +400,7 @@ def fuzz(url: str, minutes: float, rounds: int = 6) -> Tally:
 
     for _ in range(rounds):
         run_for(share, rest_cases(chunked=True), rest)
+        run_for(share, st.tuples(st.sampled_from(OPENAI_PATHS), openai_bodies), openai)
         run_for(share, ui_messages(), on_socket("ws/chat", "/ws/chat", send_ui))
         run_for(share, original_messages(), on_socket("original", "/", send_original))
         if problem := health_problem(url):

@@ -210,3 +210,16 @@ def test_a_client_that_gives_up_waiting_frees_its_slot(server):
         impatient.chat.completions.create(model=MODEL, max_tokens=2000, messages=[
             {"role": "user", "content": "Write a very long story about the sea."}])
     wait_until_idle(server)
+
+
+# -- one framework of the ecosystem ----------------------------------------------------------
+
+def test_langchain_chat_model_talks_to_tanglebox(server, monkeypatch):
+    monkeypatch.setenv("LANGSMITH_TRACING", "false")
+    from langchain_openai import ChatOpenAI
+    chat = ChatOpenAI(base_url=server.url + "/v1", api_key=TOKEN, model="gpt-4o-mini",
+                      temperature=0, max_tokens=32, max_retries=0)
+    message = chat.invoke("What is 2 + 2?")
+    assert "4" in message.content
+    assert message.usage_metadata["output_tokens"] > 0
+    assert "".join(chunk.content for chunk in chat.stream("What is 2 + 2?")) == message.content

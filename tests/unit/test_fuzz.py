@@ -13,9 +13,11 @@ import logging
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from bench.fuzz import (PING, PONG, REST_SEEDS, UI_PROBE, UI_SEEDS, RestCase, form_bytes,
-                        json_bytes, original_messages, rest_cases, rest_problem, socket_problem,
+from bench.fuzz import (OPENAI_PATHS, OPENAI_SEEDS, PING, PONG, REST_SEEDS, UI_PROBE, UI_SEEDS,
+                        RestCase, form_bytes, json_bytes, openai_bodies, openai_problem,
+                        original_messages, rest_cases, rest_problem, socket_problem,
                         ui_messages)
 from tanglebox.web.original_socket import serve
 from tanglebox.web.ui_conversation import PAGE, new_conversation
@@ -118,4 +120,19 @@ def test_the_original_socket_answers_every_message_then_a_ping(app, errors_logge
         serve(ws, runtime, client_id="fuzz", authenticated=True)
     assert PONG in ws.sent  # the probe was answered: the socket went on
     assert not socket_problem(ws.sent, message)
+    assert not errors_logged()
+
+
+@pytest.mark.parametrize("settings_values", [{"temperature": 0, "maxNewTokens": 8}])
+@given(case=st.tuples(st.sampled_from(OPENAI_PATHS), openai_bodies))
+@small_run(200)
+@example(case=("/v1/chat/completions", OPENAI_SEEDS[0]))
+@example(case=("/v1/chat/completions", OPENAI_SEEDS[1]))
+@example(case=("/v1/completions", OPENAI_SEEDS[2]))
+@example(case=("/v1/embeddings", OPENAI_SEEDS[3]))
+def test_the_openai_api_answers_any_body_without_5xx_in_openai_shape(client, errors_logged,
+                                                                      case):
+    path, body = case
+    response = client.post(path, data=json_bytes(body), content_type="application/json")
+    assert not openai_problem(response.status_code, response.get_data(as_text=True), body)
     assert not errors_logged()

@@ -10,6 +10,13 @@ import json
 
 import pytest
 
+from tanglebox.chat_request import ChatRequest
+from tanglebox.prompting import USER, Message
+from tanglebox.settings import load_settings
+from tests.conftest import write_settings
+from tests.fake_backend import FakeBackend
+from tests.live_server import wait_until
+
 CHAT = "/v1/chat/completions"
 MODEL = "fake-model.gguf"
 
@@ -314,3 +321,47 @@ def test_allowed_origins_get_cors_and_preflight(client):
     response = client.post(CHAT, json=chat_body(), headers={"Origin": "https://app.example"})
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("settings_values", [served(queueSize=0)])
+def test_a_full_queue_is_503_with_retry_after(client, app, fake_backend):
+    engine = app.extensions["tanglebox"].engine
+    busy = [engine.submit(ChatRequest((Message(USER, "count 1000"),), "", 0.0, 4000))
+            for _ in range(fake_backend.max_sequences)]
+    try:
+        response = client.post(CHAT, json=chat_body())
+        assert_openai_error(response, 503, code="queue_full")
+        assert int(response.headers["Retry-After"]) > 0
+    finally:
+        for generation in busy:
+            generation.cancel()
+
+
+@pytest.mark.parametrize("settings_values", [served(queuePerClient=1, parallelSlots=1)])
+@pytest.mark.parametrize("fake_backend", [FakeBackend(max_sequences=1, step_delay=0.01)])
+def test_a_client_past_its_queue_share_is_429(client, app):
+    engine = app.extensions["tanglebox"].engine
+    running = engine.submit(ChatRequest((Message(USER, "count 5000"),), "", 0.0, 4000,
+                                        client_id="127.0.0.1"))
+    wait_until(lambda: engine.load()["busy"] == 1, what="the first reply running")
+    waiting = engine.submit(ChatRequest((Message(USER, "echo hi"),), "", 0.0, 10,
+                                        client_id="127.0.0.1"))
+    try:
+        response = client.post(CHAT, json=chat_body(),
+                               environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        error = assert_openai_error(response, 429, code="client_queue_full")
+        assert error["type"] == "rate_limit_error"
+        assert int(response.headers["Retry-After"]) > 0
+    finally:
+        running.cancel()
+        waiting.cancel()
+
+
+def test_a_model_still_loading_is_503(tmp_path):
+    from tanglebox.runtime import Runtime
+    from tanglebox.web import create_app
+    settings = load_settings(write_settings(tmp_path, **served()))
+    client = create_app(settings, Runtime(settings)).test_client()
+    response = client.post(CHAT, json=chat_body())
+    assert_openai_error(response, 503, code="loading")
+    assert int(response.headers["Retry-After"]) > 0
