@@ -1,8 +1,9 @@
 """Serving benchmark: K concurrent streaming clients on every surface, against the yardsticks.
 
 ``python -m bench [--clients 1,4,8] [--rounds 3] [--max-tokens 128]
-[--surfaces original,rest,ui] [--url URL] [--llama-server PATH [--same-libs]] [--no-direct]
-[--json FILE]``, from the repository root (``pip install -r requirements-dev.txt`` first)
+[--surfaces original,rest,ui,openai] [--url URL] [--llama-server PATH [--same-libs]
+[--llama-server-api completion|chat]] [--no-direct] [--json FILE]``, from the repository
+root (``pip install -r requirements-dev.txt`` first)
 
 In one invocation, for each K and each round (interleaved, so drift on a shared machine hits
 every contestant alike; every other round runs them in reverse order, so a slow trend favours
@@ -14,10 +15,13 @@ none):
   prompt at the same moment and stream the reply; meanwhile ``/health`` and a ``#-ping-#`` on
   another, idle, original socket are probed (every ``--probe-interval`` seconds);
 - **llama-server** (``--llama-server PATH``): llama.cpp's C++ server with the same model, ``-np K``
-  and the same threads, on ``/completion`` with the same rendered prompt, streamed. Built from
-  llama-cpp-python's vendored llama.cpp with the same portable flags (docs/benchmarks.md), or
-  run with ``--same-libs`` on llama-cpp-python's libllama/libggml, it runs the same kernels as
-  Tanglebox; the report says which libraries it loaded.
+  and the same threads, streamed: on ``/completion`` with the prompt rendered here, or with
+  ``--llama-server-api chat`` on ``/v1/chat/completions`` with the very body Tanglebox's
+  ``openai`` surface gets (each server applies the model's chat template itself; the report
+  says whether the two render the same prompt). Built from llama-cpp-python's vendored
+  llama.cpp with the same portable flags (docs/benchmarks.md), or run with ``--same-libs`` on
+  llama-cpp-python's libllama/libggml, it runs the same kernels as Tanglebox; the report says
+  which libraries it loaded.
 
 Every request is unique (a numbered prompt), so no contestant answers from a cached prompt.
 Temperature 0. Tokens are counted with the model's own tokenizer on the text each client got.
@@ -29,8 +33,8 @@ prompt being sent to the first chunk), inter-token latency p50/p95 (per reply: f
 chunk over its tokens - 1), aggregate tokens/s (all tokens / wall time from the first send to
 the last token), and the p99 of the ``/health`` and ping probes while the K streams run (each
 probe every ``--probe-interval`` seconds, so they measure the web side without loading it
-much). Against llama-server, the goal line gives the median of the per-round ratios (both
-measured in the same round).
+much). Against llama-server, at every K, the goal line gives the median of the per-round
+ratios (both measured in the same round).
 """
 
 from __future__ import annotations
@@ -208,11 +212,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
     parser.add_argument("--surfaces", default="original,rest,ui",
-                        help="Tanglebox surfaces to drive: original, rest, ui (default all)")
+                        help="Tanglebox surfaces to drive: original, rest, ui, openai "
+                             "(default original,rest,ui)")
     parser.add_argument("--url", help="a running Tanglebox server (default: start one)")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
                         help="llama.cpp's llama-server binary, to run with the same model")
+    parser.add_argument("--llama-server-api", choices=sorted(LLAMA_SERVER_APIS),
+                        default="completion",
+                        help="llama-server's endpoint: completion (/completion, the prompt "
+                             "rendered here) or chat (/v1/chat/completions, as the openai "
+                             "surface); default completion")
     parser.add_argument("--same-libs", action="store_true",
                         help="start llama-server with LD_LIBRARY_PATH at llama-cpp-python's "
                              "llama_cpp/lib: the very libllama/libggml Tanglebox calls")
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = Prompts()
     servers = []
-    libraries = ""
+    libraries = prompt_check = ""
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -266,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 servers.append(llama_servers[k])
             libraries = llama_server_libraries(llama_servers[ks[0]])
             print(libraries, file=sys.stderr, flush=True)
+            if args.llama_server_api == "chat":
+                prompt_check = bench_clients.chat_prompt_check(
+                    url, llama_servers[ks[0]].url, prompts.take(1)[0], render)
+                print(prompt_check, file=sys.stderr, flush=True)
         runs: dict[tuple[str, int], list[Run]] = {}
 
         def record(run: Run) -> None:
@@ -282,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      args.max_tokens),
                             prompts.take(k), model.count_tokens, [])
             if k in llama_servers:
-                run_clients("warm-up", lambda s=llama_servers[k]: bench_clients.LlamaServerClient(
-                    s.url, args.max_tokens, render), prompts.take(k), model.count_tokens, [])
+                run_clients("warm-up", lambda s=llama_servers[k]: llama_server_client(
+                    args.llama_server_api, s.url, args.max_tokens, render),
+                    prompts.take(k), model.count_tokens, [])
         meter = OtherLoad([os.getpid()] + [server.pid() for server in servers])
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
@@ -302,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 if k in llama_servers:
                     server = llama_servers[k]
                     contestants.append(lambda k=k, server=server: run_clients(
-                        "llama-server", lambda: bench_clients.LlamaServerClient(
-                            server.url, args.max_tokens, render),
+                        LLAMA_SERVER_APIS[args.llama_server_api], lambda: llama_server_client(
+                            args.llama_server_api, server.url, args.max_tokens, render),
                         prompts.take(k), model.count_tokens,
                         [bench_clients.health_probe(server.url, args.probe_interval)]))
                 for contestant in in_round_order(contestants, round_):
@@ -319,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes on this machine used {100 * other_load:.0f} % of its CPU time "
           "during the measured rounds" + (" (the --url server counts as other)" if args.url
                                           else ""))
-    if libraries:
-        print(libraries)
+    for line in (libraries, prompt_check):
+        if line:
+            print(line)
     print()
     print(markdown_table(rows))
     print()
@@ -337,8 +353,18 @@ SURFACES = {
                                                                                    max_tokens),
     "rest": lambda url, ws_url, max_tokens: bench_clients.RestStreamClient(url, max_tokens),
     "ui": lambda url, ws_url, max_tokens: bench_clients.UiSocketClient(ws_url, max_tokens),
+    "openai": lambda url, ws_url, max_tokens: bench_clients.OpenAIChatClient(url, max_tokens),
 }
-SURFACE_NAMES = {"original": "original socket", "rest": "REST stream", "ui": "UI socket"}
+SURFACE_NAMES = {"original": "original socket", "rest": "REST stream", "ui": "UI socket",
+                 "openai": "OpenAI chat stream"}
+# llama-server's contestant name for each of its endpoints the benchmark can drive
+LLAMA_SERVER_APIS = {"completion": "llama-server", "chat": "llama-server OpenAI chat stream"}
+
+
+def llama_server_client(api: str, url: str, max_tokens: int, render):
+    if api == "chat":
+        return bench_clients.OpenAIChatClient(url, max_tokens)
+    return bench_clients.LlamaServerClient(url, max_tokens, render)
 
 if __name__ == "__main__":
     sys.exit(main())

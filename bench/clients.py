@@ -260,28 +260,115 @@ class LlamaServerClient:
     def send(self, prompt: str) -> Reply:
         body = {"prompt": self.render(prompt), "n_predict": self.max_tokens, "temperature": 0,
                 "stream": True, "cache_prompt": True}
-        reply = Reply(sent_at=time.monotonic())
-        with self.session.post(self.url, json=body, stream=True,
-                               timeout=REPLY_TIMEOUT) as response:
-            if response.status_code != 200:
-                reply.error = f"HTTP {response.status_code}: {response.text[:200]}"
-                return reply
-            parts = []
-            for line in response.iter_lines():
-                if not line.startswith(b"data: "):
-                    continue
-                event = json.loads(line[6:])
-                if event.get("content"):
-                    reply.chunk_times.append(time.monotonic())
-                    parts.append(event["content"])
-                if event.get("stop"):
-                    break
-        reply.text = "".join(parts)
-        reply.finished_at = time.monotonic()
-        return reply
+        return _post_streamed(self.session, self.url, body, lambda event: event.get("content"),
+                              lambda event: bool(event.get("stop")))
 
     def close(self) -> None:
         self.session.close()
+
+
+class OpenAIChatClient:
+    """``POST /v1/chat/completions``, streamed: Tanglebox's OpenAI surface, and llama-server's.
+
+    Both servers get the very same body (one user message, ``max_tokens``, temperature 0) and
+    apply the model's chat template themselves. Only chunks that carry text count: the first
+    chunk (``delta.role``, no content) is the server's answer, not a token.
+    """
+
+    name = "OpenAI chat stream"
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        self.base = url.rstrip("/") + "/v1"
+        self.max_tokens = max_tokens
+        self.model = ""
+        self.session = requests.Session()
+
+    def prepare(self) -> None:
+        """Open the connection and ask for the served model's id, as an OpenAI client would."""
+        response = self.session.get(self.base + "/models", timeout=30)
+        response.raise_for_status()
+        self.model = response.json()["data"][0]["id"]
+
+    def send(self, prompt: str) -> Reply:
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": self.max_tokens, "temperature": 0, "stream": True}
+        return _post_streamed(self.session, self.base + "/chat/completions", body,
+                              _chat_delta_text, lambda event: False)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _chat_delta_text(event: dict) -> str:
+    choices = event.get("choices") or [{}]  # the usage chunk has no choices
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
+def _post_streamed(session: requests.Session, url: str, body: dict,
+                   text_of: Callable[[dict], str | None],
+                   ends: Callable[[dict], bool]) -> Reply:
+    """POST ``body`` and read the server-sent events (``data: {json}`` lines) until
+    ``data: [DONE]``, an event that ``ends`` the reply, or the end of the response; the time of
+    every event with text is a chunk of the reply."""
+    reply = Reply(sent_at=time.monotonic())
+    with session.post(url, json=body, stream=True, timeout=REPLY_TIMEOUT) as response:
+        if response.status_code != 200:
+            reply.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return reply
+        parts = []
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            if line[6:].strip() == b"[DONE]":
+                break
+            event = json.loads(line[6:])
+            if "error" in event:  # an error after the 200, in the stream itself
+                reply.error = json.dumps(event["error"])[:200]
+                break
+            text = text_of(event)
+            if text:
+                reply.chunk_times.append(time.monotonic())
+                parts.append(text)
+            if ends(event):
+                break
+    reply.text = "".join(parts)
+    reply.finished_at = time.monotonic()
+    return reply
+
+
+def chat_prompt_check(tanglebox_url: str, llama_server_url: str, prompt: str,
+                      render: Callable[[str], str]) -> str:
+    """One line for the report: do both servers turn the same chat message into the same prompt?
+
+    llama-server shows its rendering (``POST /apply-template``), compared with ``render``
+    (Tanglebox's ``render_prompt`` with the model's template); and each server's ``usage``
+    for one non-streamed request says how many prompt tokens it actually read.
+    """
+    message = {"role": "user", "content": prompt}
+    theirs = requests.post(llama_server_url.rstrip("/") + "/apply-template",
+                           json={"messages": [message]}, timeout=30).json()["prompt"]
+    ours = render(prompt)
+    if theirs == ours:
+        verdict = "llama-server's /apply-template renders the prompt Tanglebox does"
+    else:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                  min(len(ours), len(theirs)))
+        verdict = (f"the prompts differ from character {at}: Tanglebox "
+                   f"{ours[max(0, at - 20):at + 40]!r}, llama-server "
+                   f"{theirs[max(0, at - 20):at + 40]!r}")
+    return (f"chat template: {verdict}; prompt tokens (usage): Tanglebox "
+            f"{_prompt_tokens(tanglebox_url, message)}, llama-server "
+            f"{_prompt_tokens(llama_server_url, message)}")
+
+
+def _prompt_tokens(url: str, message: dict) -> int | str:
+    client = OpenAIChatClient(url, 1)
+    with client.session:
+        client.prepare()
+        answer = client.session.post(client.base + "/chat/completions", timeout=REPLY_TIMEOUT,
+                                     json={"model": client.model, "messages": [message],
+                                           "max_tokens": 1, "temperature": 0})
+    return answer.json()["usage"]["prompt_tokens"] if answer.ok else f"HTTP {answer.status_code}"
 
 
 class Probe:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report import Row, against_llama_server
+from bench.report import Row, against_llama_server, goals
 from bench.rounds import in_round_order
 
 
@@ -32,3 +32,18 @@ def test_a_round_where_either_side_failed_does_not_count():
     ours = row("Tanglebox", [80.0, float("nan"), 85.0])
     theirs = row("llama-server", [81.0, 88.0, 86.0])
     assert against_llama_server(ours, theirs).endswith("missed; above it in 0 of 2 rounds")
+
+
+def test_llama_server_on_either_endpoint_is_compared_at_every_number_of_clients():
+    rows = [row("Tanglebox OpenAI chat stream", [70.0, 71.0]),
+            row("llama-server OpenAI chat stream", [69.0, 72.0]),
+            row("Tanglebox OpenAI chat stream", [90.0, 91.0]),
+            row("llama-server OpenAI chat stream", [88.0, 89.0])]
+    rows[0].clients = rows[1].clients = 1
+    lines = goals(rows, 8)
+    assert ("Tanglebox OpenAI chat stream, 1 client: 1.00 of llama-server's tokens/s, median of "
+            "2 rounds (0.99–1.01") in "\n".join(lines)
+    assert any(line.startswith("Tanglebox OpenAI chat stream, 8 clients: 1.02 of llama-server's")
+               for line in lines)
+    assert any("vs llama-server OpenAI chat stream 900 ms (goal: below)" in line
+               for line in lines)
