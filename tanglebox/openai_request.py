@@ -9,7 +9,7 @@ list, ``response_format`` as JSON mode or a JSON schema (turned into a grammar h
 llama.cpp's converter cannot take is a 400 before anything is queued).
 
 Fields OpenAI defines that change what a reply is but that this server cannot honour (``n`` > 1,
-``tools``, image or audio parts, ``echo``, ``suffix``, ``best_of``) are refused with a 400 that
+a required tool call, image or audio parts, ``echo``, ``suffix``, ``best_of``) are refused with a 400 that
 says so; other fields a client sends are ignored, as OpenAI-compatible servers do (``user``,
 ``store``, ``metadata``, vendor extensions). ``top_k`` is accepted as an extension, as
 llama-server and vLLM do.
@@ -313,12 +313,15 @@ def _openai_request(body: Mapping[str, Any], chat: ChatRequest,
 
 
 def _refuse_tools(body: Mapping[str, Any]) -> None:
-    for param in ("tools", "functions"):
-        if body.get(param):
-            raise RequestError(param, "tool calls are not supported by this server")
+    """``tools`` are read as offered, never required: under ``tool_choice`` "auto" (the
+    default) or "none" a reply in text is a valid answer, which is what the model gives (Open
+    WebUI sends its built-in tools with every message). A call the client requires is refused."""
     choice = body.get("tool_choice")
     if choice not in (None, "none", "auto"):
-        raise RequestError("tool_choice", "tool calls are not supported by this server")
+        raise RequestError("tool_choice", "tool calls are not supported by this server; "
+                                          'leave tool_choice out or send "auto" or "none"')
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise RequestError("function_call", "tool calls are not supported by this server")
 
 
 def _refuse_modalities(value: Any) -> None:

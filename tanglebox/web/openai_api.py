@@ -34,6 +34,7 @@ from werkzeug.exceptions import HTTPException
 
 from tanglebox.chat_request import RequestError
 from tanglebox.client_json import decode_json, shown
+from tanglebox.embeddings import EmbeddingsUnsupported
 from tanglebox.generation import (ENDED_EARLY, Delta, Done, Error, ErrorCode, Event,
                                   FinishReason)
 from tanglebox.model_location import model_id
@@ -226,7 +227,6 @@ def cut_stream(event: Error | Done) -> str:
 
 @blueprint.post("/embeddings")
 def embeddings() -> Response:
-    from tanglebox.embeddings import EmbeddingsUnsupported
     body = json_body()
     runtime = current_runtime()
     runtime.check_open()

@@ -133,6 +133,7 @@ def test_the_original_socket_answers_every_message_then_a_ping(app, errors_logge
 def test_the_openai_api_answers_any_body_without_5xx_in_openai_shape(client, errors_logged,
                                                                       case):
     path, body = case
-    response = client.post(path, data=json_bytes(body), content_type="application/json")
-    assert not openai_problem(response.status_code, response.get_data(as_text=True), body)
+    with client.post(path, data=json_bytes(body), content_type="application/json") as response:
+        text = response.get_data(as_text=True)
+    assert not openai_problem(response.status_code, text, body)
     assert not errors_logged()

@@ -234,7 +234,7 @@ def test_completion_refuses_what_it_cannot_honour(client, field, value):
     ("top_logprobs", 3, "top_logprobs"),
     ("stream", "yes", "stream"),
     ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("tool_choice", "required", "tool_choice"),
     ("response_format", {"type": "xml"}, "response_format.type"),
     ("model", 7, "model"),
 ])
@@ -365,3 +365,9 @@ def test_a_model_still_loading_is_503(tmp_path):
     response = client.post(CHAT, json=chat_body())
     assert_openai_error(response, 503, code="loading")
     assert int(response.headers["Retry-After"]) > 0
+
+
+def test_offered_tools_are_ignored_and_answered_in_text(client):
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+    body = client.post(CHAT, json=chat_body(tools=tools)).get_json()
+    assert body["choices"][0]["message"]["content"] == "Hello there"
