@@ -114,7 +114,7 @@ def parse_messages(value: Any) -> tuple[str, tuple[Message, ...]]:
         role = item.get("role")
         if role in ("tool", "function") or item.get("tool_calls") or item.get("function_call"):
             raise RequestError(f"{where}.role", "tool calls are not supported by this server")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RequestError(f"{where}.role", "must be one of system, developer, user, "
                                                 f"assistant, got {shown(role)}")
         text = parse_content(item.get("content"), f"{where}.content")

@@ -79,7 +79,7 @@ from tanglebox.prompting import ASSISTANT, USER, Message
 from tanglebox.runtime import Refusal, Refused, Runtime, current_runtime
 from tanglebox.web.auth import (require_api_enabled, request_token, require_token,
                                 token_is_valid)
-from tanglebox.web.socket_inbox import bound_inbox
+from tanglebox.web.socket_inbox import bounded_inbox, close
 
 # Client → server.
 SET_TEMPERATURE = "#-set-temp-#"
@@ -103,8 +103,6 @@ PROMPT_ACK = "#a-c-k#"
 FINISHED = "#f-i-n#"
 PONG = "#-pong-#"
 
-# How long a close we start waits for the client's answering close frame.
-CLOSE_HANDSHAKE_SECONDS = 2.0
 
 TOKEN_REQUIRED_MESSAGE = ("Error: a valid API token is required. Connect with ?token=<token> "
                           f"or send {TOKEN}<token> as the first message.")
@@ -189,9 +187,9 @@ def check_handshake() -> None:
 
 def original_socket(ws: Server) -> None:
     """One client's socket, from the first message to the close."""
-    bound_inbox(ws, current_runtime().settings["maxRequestBytes"])
-    serve(ws, current_runtime(), client_id=request.remote_addr or "",
-          authenticated=token_is_valid(request_token()))
+    with bounded_inbox(ws, current_runtime().settings["maxRequestBytes"]):
+        serve(ws, current_runtime(), client_id=request.remote_addr or "",
+              authenticated=token_is_valid(request_token()))
 
 
 def serve(ws: Server, runtime: Runtime, client_id: str, authenticated: bool) -> None:
@@ -318,16 +316,3 @@ def send(ws: Server, text: str) -> None:
         ws.send(text)
     except OSError as err:  # a broken pipe before the reader noticed the close
         raise ConnectionClosed(CloseReason.ABNORMAL_CLOSURE, str(err)) from None
-
-
-def close(ws: Server, code: int, reason: str) -> None:
-    """Close the socket with ``code``, then wait briefly for the client's answering close.
-
-    simple-websocket's close() only sends the frame. Returning at once would close the TCP
-    connection while the client's last messages are still unread, and the kernel answers
-    that with a reset, which can destroy the error message sent just before.
-    """
-    ws.close(code, reason)
-    reader = getattr(ws, "thread", None)  # simple-websocket's reader; it ends on the answer
-    if reader is not None:
-        reader.join(CLOSE_HANDSHAKE_SECONDS)

@@ -70,7 +70,7 @@ from tanglebox.client_json import decode_json
 from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import Refused, Runtime, current_runtime
-from tanglebox.web.socket_inbox import bound_inbox
+from tanglebox.web.socket_inbox import bounded_inbox, close
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
@@ -136,16 +136,17 @@ def register(sock: Sock) -> None:
     @sock.route("/ws/chat")
     def chat_socket(ws) -> None:
         runtime = current_runtime()
-        bound_inbox(ws, runtime.settings["maxRequestBytes"])
-        store = conversation_store(current_app)
-        surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
-        conversation = store.attach(
-            request.args.get("conversation"),
-            lambda conversation_id: new_conversation(conversation_id, surface, runtime.settings))
-        try:
-            ChatSocket(ws, runtime, conversation, f"ui:{request.remote_addr}").run()
-        finally:
-            store.detach(conversation)
+        with bounded_inbox(ws, runtime.settings["maxRequestBytes"]):
+            store = conversation_store(current_app)
+            surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
+            conversation = store.attach(
+                request.args.get("conversation"),
+                lambda conversation_id: new_conversation(conversation_id, surface,
+                                                         runtime.settings))
+            try:
+                ChatSocket(ws, runtime, conversation, f"ui:{request.remote_addr}").run()
+            finally:
+                store.detach(conversation)
 
 
 def parse_message(raw: Any) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class ChatSocket:
         while True:
             raw = self.ws.receive(timeout=idle_timeout)
             if raw is None:
-                self.ws.close(reason=IDLE_CLOSE_CODE, message="idle")
+                close(self.ws, IDLE_CLOSE_CODE, "idle")
                 return
             self.handle(raw)
 

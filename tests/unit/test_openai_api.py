@@ -211,6 +211,7 @@ def test_completion_refuses_what_it_cannot_honour(client, field, value):
 @pytest.mark.parametrize("field, value, param", [
     ("messages", [], "messages"),
     ("messages", [{"role": "robot", "content": "hi"}], "messages[0].role"),
+    ("messages", [{"role": [], "content": "hi"}], "messages[0].role"),
     ("messages", [{"role": "tool", "content": "hi"}], "messages[0].role"),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
      "messages[0].content[0].type"),
