@@ -16,7 +16,8 @@ safe strategy is raw HTML off plus a strict link check, so:
   language name, and a copy button; the code itself is escaped;
 - table column alignment becomes a class, because the strict CSP refuses ``style`` attributes.
 
-:func:`render_markdown` returns :class:`markupsafe.Markup`; it is the one producer of markup
+:func:`render_markdown` returns :class:`markupsafe.Markup`; it and ``markdown_blocks`` (which
+renders a streaming reply block by block with the same parser) are the only producers of markup
 from untrusted text, so templates never need ``|safe``.
 """
 
@@ -116,6 +117,11 @@ def _build_parser() -> MarkdownIt:
 
 
 _PARSER = _build_parser()
+
+
+def markdown_parser() -> MarkdownIt:
+    """The configured parser (shared: markdown-it keeps no state between calls)."""
+    return _PARSER
 
 
 def render_markdown(text: str) -> Markup:
