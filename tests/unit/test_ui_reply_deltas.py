@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.ui_deltas import TOKEN, WholeReply, markdown_reply, stream_once
 from tanglebox.web import ui_socket
+from tanglebox.web.ui_fragments import StreamedReply
 from tests.reply_page import ReplyPage, element_end, top_level
 from tests.unit.test_markdown_blocks import LINE_STARTS, WORDS
 from tests.unit.test_ui_conversation import talk
@@ -101,3 +103,12 @@ def test_after_streaming_the_page_shows_what_a_reconnect_renders(app, every_toke
     page = ReplyPage().apply_all(client.sent)
     assert not page.streaming
     assert page.html == from_history(client)
+
+
+def test_the_benchmark_measures_fewer_bytes_and_updates_the_same_page(app):
+    # bench.ui_deltas drives this socket code; deltas must cost less than the whole reply.
+    tokens = TOKEN.findall(markdown_reply(300))
+    whole = stream_once(app, WholeReply, tokens, rate=50, streams=1)
+    deltas = stream_once(app, StreamedReply, tokens, rate=50, streams=1)
+    assert deltas.final_html == whole.final_html
+    assert deltas.reply_bytes < whole.reply_bytes / 2
