@@ -22,9 +22,11 @@ import requests
 import websocket
 
 # A fragment that shows reply text (ui_socket's docstring): blocks that just finished, the open
-# tail with some text (not the typing dots, not its deletion), or the whole reply again.
+# tail with some text (not the typing dots, not its deletion), lines of an open code block, or
+# the whole reply again.
 REPLY_WITH_TEXT = re.compile(
-    r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open">'
+    r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open(?:-line)?">'
+    r'|<span id="turn-\d+-reply-open-line"'
     r'|<div id="turn-\d+-reply-open"[^>]*hx-swap-oob="true">(?!<span class="typing")'
     r'|<article id="turn-\d+-reply"[^>]*>(?:(?!</article>).)*?'
     r'<div class="message__content markdown">'
@@ -234,7 +236,7 @@ def _reply_content(fragments: list[str]) -> str:
         if fragment.startswith("<article "):
             parts = [_text_of(fragment, lambda a: (a.get("id") or "").endswith("-reply"),
                               lambda a: "message__content" in (a.get("class") or "").split())]
-        elif fragment.startswith('<div hx-swap-oob="beforebegin:'):
+        elif re.match(r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open">', fragment):
             parts.append(_text_of(fragment, lambda a: "hx-swap-oob" in a))
     return "\n".join(part for part in parts if part)
 

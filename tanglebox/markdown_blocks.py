@@ -28,9 +28,14 @@ How a block is known to be finished (markdown-it-py's own block tokens decide, n
   differ from those the finished blocks were rendered with, the finished part is rendered
   again and, if its HTML changed, the update says so (``replaced``) and carries it all.
 
+An open fenced code block is the one block that grows at its end only: inside a fence a whole
+line is code for good, and its HTML is the line escaped. So while the open tail is one code
+block, :class:`OpenCode` carries its new whole lines once and the line being written again.
+
 Safety (SECURITY.md, "a payload split across stream chunks"): every HTML string produced here
 is the safe renderer's output (``markdown_render``: raw HTML off, links checked) for whole
-blocks parsed from their whole text; no token is ever appended to HTML. A ``<scr`` + ``ipt>``,
+blocks parsed from their whole text, or a piece of it cut where the renderer's output of an
+open code block has its escaped code; no token is ever appended to HTML. A ``<scr`` + ``ipt>``,
 a fence opened in one token and closed many tokens later, a ``javascript:`` URL arriving in
 pieces: each stays inside the open tail, rendered from its whole text, until its block is done.
 """
@@ -42,13 +47,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from markdown_it.token import Token
 from markupsafe import Markup
 
-from tanglebox.markdown_render import markdown_parser
+from tanglebox.markdown_render import CODE_END, markdown_parser
 
 # markdown-it's own normalization (rules_core/normalize.py): lines end at \r\n, \r or \n.
 LINE_END = re.compile(r"\r\n?|\n")
+
+
+@dataclass(frozen=True)
+class OpenCode:
+    """The open tail when it is one fenced code block: ``before`` + ``lines`` + ``last_line``
+    + ``after`` is its rendering. With ``whole``, all four replace the open tail shown;
+    without, ``lines`` (whole lines of code, escaped) go after those already shown, and
+    ``last_line`` (the line being written, escaped; None: the same) replaces the last one."""
+
+    lines: Markup
+    last_line: Markup | None
+    whole: bool = False
+    before: Markup = Markup()
+    after: Markup = Markup()
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,7 @@ class BlockUpdate:
     finished: Markup  # blocks finished since the last update, to go after those already shown
     open: Markup | None  # the open tail rendered whole, to replace the last one; None: the same
     replaced: bool = False  # the finished HTML changed: ``finished`` is all of it, from the top
+    code: OpenCode | None = None  # instead of ``open``: the open tail is a code block
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,8 @@ class MarkdownStream:
         self._finished_html: list[str] = []
         self._frozen: dict[str, Any] = {}  # reference definitions before the cut
         self._rendered_with: dict[str, tuple[str, str]] = {}  # what the finished HTML saw
-        self._open_html = ""  # the open tail's HTML at the last update
+        self._open_html: str | None = ""  # the open tail's HTML at the last update
+        self._code: tuple[str, str, str] | None = None  # an open code block: before, lines, last
 
     @property
     def finished_html(self) -> str:
@@ -169,11 +191,37 @@ class MarkdownStream:
             self._cut += len(tail) if final else line_offset(tail, finished_lines)
             self._finished_text = text[:self._cut]
             self._finished_html.append(new_html)
+        code = None if final or replaced else self._open_code(tokens[split:], open_html, split)
+        if code is not None:
+            return BlockUpdate(Markup(new_html), None, code=code)
         unchanged = open_html == self._open_html and not replaced
-        self._open_html = open_html
+        self._open_html, self._code = open_html, None
         if replaced:
             return BlockUpdate(Markup(self.finished_html), Markup(open_html), replaced=True)
         return BlockUpdate(Markup(new_html), None if unchanged else Markup(open_html))
+
+    def _open_code(self, tokens: list[Token], html: str, split: int) -> OpenCode | None:
+        """The open tail as a code block that grows by lines, or None when it is not one.
+
+        Inside a fence, a whole line is code for good (the closing fence is no code), and
+        its HTML is the line escaped, so whole lines are sent once and only the line being
+        written again. The renderer's own output is split, and only where it ends with the
+        block's escaped code."""
+        if len(tokens) != 1 or tokens[0].type != "fence":
+            return None
+        code = escapeHtml(tokens[0].content)
+        if not html.endswith(code + CODE_END):
+            return None
+        before = html[:len(html) - len(code) - len(CODE_END)]
+        content = tokens[0].content
+        lines, last = content[:content.rfind("\n") + 1], content[content.rfind("\n") + 1:]
+        shown = self._code
+        self._open_html, self._code = None, (before, lines, last)
+        if split or shown is None or shown[0] != before or not lines.startswith(shown[1]):
+            return OpenCode(Markup(escapeHtml(lines)), Markup(escapeHtml(last)), whole=True,
+                            before=Markup(before), after=Markup(CODE_END))
+        return OpenCode(Markup(escapeHtml(lines[len(shown[1]):])),
+                        None if last == shown[2] else Markup(escapeHtml(last)))
 
     def _split(self, tokens: list[Token], tail: str) -> tuple[int, int]:
         """The token index and line where the tail's finished blocks end (0, 0: none).

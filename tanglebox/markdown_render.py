@@ -39,6 +39,7 @@ SAFE_LINK = re.compile(r"^(?:https?|mailto):", re.IGNORECASE)
 LANGUAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+#.-]{0,31}$")
 TABLE_ALIGN = re.compile(r"^text-align:(left|center|right)$")
 
+CODE_END = "</code></pre></div>\n"  # what follows a code block's text (markdown_blocks)
 COPY_BUTTON = ('<button type="button" class="copy-button" data-copy-code '
                'aria-label="Copy code">Copy</button>')
 
@@ -59,7 +60,7 @@ def _render_code(content: str, language: str) -> str:
     code_class = f' class="language-{escapeHtml(language)}"' if language else ""
     return (f'<div class="code-block"><div class="code-block__bar">'
             f'<span class="code-block__language">{label}</span>{COPY_BUTTON}</div>'
-            f"<pre><code{code_class}>{escapeHtml(content)}</code></pre></div>\n")
+            f"<pre><code{code_class}>{escapeHtml(content)}{CODE_END}")
 
 
 class SafeRenderer(RendererHTML):

@@ -67,6 +67,12 @@ class ReplyPage:
             elif oob == f"beforebegin:#{self.id}-open":
                 start = self.html.index(f'<div id="{self.id}-open"')
                 self._replace((start, start), inner(outer))
+            elif oob == f"beforebegin:#{self.id}-open-line":
+                start = self.html.index(f'<span id="{self.id}-open-line"')
+                self._replace((start, start), inner(outer))
+            elif oob == "true" and f'id="{self.id}-open-line"' in outer[:outer.index(">")]:
+                self._replace(self._span(f'<span id="{self.id}-open-line"'),
+                              OOB.sub("", outer, 1))
             elif oob == "delete" and f'id="{self.id}-open"' in outer:
                 self._replace(self._span(f'<div id="{self.id}-open"'), "")
             elif oob == f"beforeend:#{self.id} .message__body":

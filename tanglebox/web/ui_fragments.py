@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from flask import get_template_attribute, render_template
 from markupsafe import Markup, escape
 
-from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream
+from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream, OpenCode
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
 from tanglebox.web.ui_conversation import PAGE, WIDGET, ChatSettings, Conversation, Turn
@@ -124,6 +124,10 @@ class StreamedReply:
 
     - ``div[hx-swap-oob="beforebegin:#turn-N-reply-open"]``: blocks that just finished, once;
     - ``div#turn-N-reply-open`` (outerHTML): the open tail, rendered again whole;
+    - while the open tail is a fenced code block, its code element ends in
+      ``span#turn-N-reply-open-line`` (the line being written): whole lines of code go before
+      it (``div[hx-swap-oob="beforebegin:#turn-N-reply-open-line"]``), once each, and the span
+      is replaced with the line as it grows;
     - at the end, the last blocks, ``#turn-N-reply-open`` deleted, the note appended: the
       article is then the same as ``reply_fragment(turn, text, streaming=False, note)``;
     - the whole article again only when earlier blocks changed (a reference definition came
@@ -140,8 +144,21 @@ class StreamedReply:
         if change.replaced:
             return _reply_article(self.turn, change.finished, True, open_html=change.open)
         open_block = get_template_attribute("_message.html", "open_block")
+        if change.code is not None:
+            return self._finished(change) + self._code(change.code, open_block)
         return self._finished(change) + (
             "" if change.open is None else str(open_block(self.reply_id, change.open, oob=True)))
+
+    def _code(self, code: OpenCode, open_block: Any) -> str:
+        line_id = f"{self.reply_id}-open-line"
+        if code.whole:
+            line = Markup('<span id="{}">{}</span>').format(line_id, code.last_line)
+            return str(open_block(self.reply_id, code.before + code.lines + line + code.after,
+                                  oob=True))
+        lines = (f'<div hx-swap-oob="beforebegin:#{line_id}">{code.lines}</div>'
+                 if code.lines else "")
+        return lines + ("" if code.last_line is None else
+                        f'<span id="{line_id}" hx-swap-oob="true">{code.last_line}</span>')
 
     def end(self, text: str, note: str) -> str:
         change = self.blocks.finish(text)

@@ -33,11 +33,14 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                      ``markdown_blocks``): div[hx-swap-oob="beforebegin:#turn-N-reply-open"]
                      with the Markdown blocks that just finished (each sent once), then
                      div#turn-N-reply-open with the open tail rendered again whole (left out
-                     when it did not change). Rendering stays on the server; every piece is
-                     whole blocks rendered from their whole text, never raw tokens appended to
-                     HTML. At most every RENDER_INTERVAL_SECONDS (less often for long open
-                     blocks or many replies at once: RenderPacer). Rarely (a reference
-                     definition for a [label] already shown) the whole article#turn-N-reply.
+                     when it did not change); an open fenced code block grows by its whole
+                     lines instead (appended before span#turn-N-reply-open-line, the line being
+                     written, which is replaced). Rendering stays on the server; every piece
+                     is whole blocks rendered from their whole text, or a code block's lines
+                     escaped, never raw tokens appended to HTML. At most every
+                     RENDER_INTERVAL_SECONDS (less often for long open blocks or many replies
+                     at once: RenderPacer). Rarely (a reference definition for a [label]
+                     already shown) the whole article#turn-N-reply.
                  3   the last finished blocks as in 2, div#turn-N-reply-open
                      hx-swap-oob="delete", the note (ended early, at the limit, empty) in a
                      div[hx-swap-oob="beforeend:#turn-N-reply .message__body"]: the article is

@@ -62,8 +62,8 @@ See the [csv documentation](https://docs.python.org/3/library/csv.html) for more
 LONG_REPLY = """## Streaming, block by block
 
 Each block of this reply is sent **once**, when the next one begins; only the open block is
-rendered again while it grows. A payload split across tokens, like <scr""" + """ipt>alert(1)</script>
-or [a link](java""" + """script:alert(1)), stays text.
+rendered again while it grows. A payload split across tokens, like <scr""" + """ipt>alert(1)
+</script> or [a link](java""" + """script:alert(1)), stays text.
 
 1. The first item.
 2. The second item.
@@ -289,6 +289,15 @@ def test_a_phone_sized_screen_never_scrolls_sideways(open_page, server):
 def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_renders_it(
         open_page, server, tmp_path):
     page = connected(open_page(server.url))
+    # What the open code block shows at each change of the page, while it is open.
+    page.evaluate("""() => {
+        window.openCode = [];
+        new MutationObserver(() => {
+            const code = document.querySelector("#turn-1-reply-open code");
+            if (code) window.openCode.push(code.textContent);
+        }).observe(document.getElementById("messages"),
+                   {childList: true, subtree: true, characterData: true});
+    }""")
     send(page, "echo " + LONG_REPLY)
     content = page.locator("#turn-1-reply .message__content")
     open_end = content.locator(":scope > #turn-1-reply-open[aria-busy=true]")
@@ -297,7 +306,8 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
     expect(code).to_contain_text("</script>")
     expect(open_end).to_be_visible()
     expect(content.locator(":scope > h2")).to_have_text("Streaming, block by block")
-    expect(content.locator(":scope > ol > li")).to_have_count(3)  # the list went on across blank lines
+    # The list went on across a blank line, and was sent once it had ended.
+    expect(content.locator(":scope > ol > li")).to_have_count(3)
     page.screenshot(path=str(tmp_path / "streaming.png"), caret="initial")
 
     finished_reply(page)
@@ -305,6 +315,12 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
     expect(content.locator("a[href='https://example.com/docs']")).to_have_text("the docs")
     expect(content.locator(":scope > p").last).to_have_text("That is the whole reply.")
     assert page.locator("#messages script, #messages img, #messages [onerror]").count() == 0
+    # The open code block grew by whole lines and its last line, always a prefix of the code.
+    final_code = code.text_content()
+    open_code = page.evaluate("window.openCode")
+    assert any(text.startswith('<script>document.title = "pwned"</script>\n<img')
+               for text in open_code)
+    assert all(final_code.startswith(text.rstrip("`")) for text in open_code)
     page.screenshot(path=str(tmp_path / "finished.png"), caret="initial", full_page=True)
 
     # The page now holds exactly what a reconnect gets from history, rendered at once.

@@ -268,7 +268,8 @@ def test_turns_are_numbered_and_the_conversation_is_kept(chat):
 
 
 def test_markdown_is_rendered_on_the_server(chat):
-    messages = chat.ask("echo ## Title\n\n```python\nprint(1)\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |")
+    messages = chat.ask(
+        "echo ## Title\n\n```python\nprint(1)\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |")
     reply = shown_reply(messages).find(".message__content")
     assert reply.find("h2").text() == "Title"
     assert reply.find("code").attrs["class"] == "language-python"

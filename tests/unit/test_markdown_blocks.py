@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markdown_it.common.utils import escapeHtml
+from markupsafe import Markup
 
 from tanglebox.markdown_blocks import MarkdownStream
 from tanglebox.markdown_render import render_markdown
@@ -22,6 +24,7 @@ class Page:
 
     finished: str = ""
     open: str = ""
+    code: list[str] = field(default_factory=list)  # an open code block: before, lines, last, after
     pieces: list[str] = field(default_factory=list)
     finished_per_update: list[str] = field(default_factory=list)
     replaced: int = 0
@@ -36,9 +39,18 @@ def stream(text: str, cuts: list[int], check_every_step: bool = True) -> Page:
         page.replaced += update.replaced
         page.finished = update.finished if update.replaced else page.finished + update.finished
         page.finished_per_update.append(str(update.finished))
-        if update.open is not None:
-            page.open = update.open
         page.pieces += [update.finished, update.open or ""]
+        if update.code is not None:
+            code = update.code
+            if code.whole:
+                page.code = [code.before, code.lines, code.last_line, code.after]
+            else:
+                page.code[1] += code.lines
+                page.code[2] = page.code[2] if code.last_line is None else code.last_line
+            page.open = Markup("").join(page.code)
+            page.pieces += [code.before, code.lines, code.last_line or "", code.after]
+        elif update.open is not None:
+            page.open = update.open
         if check_every_step:
             assert page.finished + page.open == render_markdown(text[:cut]), text[:cut]
     end = blocks.finish(text)
@@ -217,3 +229,19 @@ def test_a_definition_in_the_finished_part_still_links_the_blocks_after_it():
     assert page.replaced == 0
     [see] = [html for html in page.finished_per_update if "See" in html]  # sent once
     assert see.startswith('<p>See <a href="https://example.com/docs"')
+
+
+def test_an_open_code_block_grows_by_whole_lines_each_sent_once():
+    code = "".join(f"x{i} = '<b>{i}'\n" for i in range(30))
+    text = "```python\n" + code + "```\n\nAfter."
+    blocks, appended, whole = MarkdownStream(), [], 0
+    for cut in range(1, len(text)):
+        update = blocks.update(text[:cut])
+        if update.code is not None:
+            whole += update.code.whole
+            appended.append(str(update.code.lines))
+            for piece in (update.code.lines, update.code.last_line or ""):
+                assert "<" not in piece  # escaped text, never markup
+    assert whole <= len("```python\n")  # the block's frame, sent again only as its info grows
+    assert "".join(appended) == escapeHtml(code)
+    assert sum(1 for piece in appended if piece) == 30  # each line once, when it is whole

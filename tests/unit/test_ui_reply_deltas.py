@@ -63,6 +63,20 @@ def test_each_finished_block_is_sent_once_and_never_again(app, every_token):
     assert page.html == from_history(client)
 
 
+def test_an_open_code_block_is_sent_line_by_line(app, every_token):
+    code = "".join(f"print({i})  # <tag>\n" for i in range(20))
+    client = talk(app, "page",
+                  {"userPrompt": "echo Intro.\n\n```python\n" + code + "```\n\nAfter."})
+    messages = reply_messages(client.sent)
+    for i in range(20):
+        appended = [outer for m in messages for oob, outer in top_level(m)
+                    if oob == "beforebegin:#turn-1-reply-open-line" and f"print({i})" in outer]
+        assert len(appended) == 1, f"line {i} was appended {len(appended)} times"
+        assert f"print({i})  # &lt;tag&gt;" in appended[0]
+    page = ReplyPage().apply_all(client.sent)
+    assert page.html == from_history(client)
+
+
 def test_the_open_tail_is_rendered_again_whole_never_appended(app, every_token):
     client = talk(app, "page", {"userPrompt": "echo A **bold** claim [and](https://example.com)"})
     opens = [outer for m in reply_messages(client.sent) for oob, outer in top_level(m)
