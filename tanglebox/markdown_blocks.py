@@ -82,15 +82,15 @@ class BlockUpdate:
 
 
 @dataclass(frozen=True)
-class _Block:
+class Block:
     start: int  # index of its first token
     end: int  # index after its last token
     lines: tuple[int, int]  # markdown-it's map: its first line, the line after its last
 
 
-def top_level_blocks(tokens: list[Token]) -> list[_Block]:
+def top_level_blocks(tokens: list[Token]) -> list[Block]:
     """The level-0 blocks of a token stream (a paragraph is its open, inline and close)."""
-    blocks: list[_Block] = []
+    blocks: list[Block] = []
     start = 0
     for index, token in enumerate(tokens):
         if token.level != 0:
@@ -98,9 +98,9 @@ def top_level_blocks(tokens: list[Token]) -> list[_Block]:
         if token.nesting == 1:
             start = index
         elif token.nesting == 0:  # fence, code_block, hr: a block in one token
-            blocks.append(_Block(index, index + 1, _lines(token)))
+            blocks.append(Block(index, index + 1, _lines(token)))
         else:
-            blocks.append(_Block(start, index + 1, _lines(tokens[start])))
+            blocks.append(Block(start, index + 1, _lines(tokens[start])))
     return blocks
 
 
