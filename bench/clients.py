@@ -21,11 +21,17 @@ from typing import Callable
 import requests
 import websocket
 
-# A fragment that starts with the reply's article and shows some text in it (not the typing
-# dots of an empty reply): a match is a chunk of the reply.
-REPLY_WITH_TEXT = re.compile(r'<article id="turn-\d+-reply"[^>]*>(?:(?!</article>).)*?'
-                             r'<div class="message__content markdown">(?!</div>|<span class="typing")',
-                             re.S)
+# A fragment that shows reply text (ui_socket's docstring): blocks that just finished, the open
+# tail with some text (not the typing dots, not its deletion), lines of an open code block, or
+# the whole reply again.
+REPLY_WITH_TEXT = re.compile(
+    r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open(?:-line)?">'
+    r'|<span id="turn-\d+-reply-open-line"'
+    r'|<div id="turn-\d+-reply-open"[^>]*hx-swap-oob="true">(?!<span class="typing")'
+    r'|<article id="turn-\d+-reply"[^>]*>(?:(?!</article>).)*?'
+    r'<div class="message__content markdown">'
+    r'(?!</div>|<span class="typing"|<div id="turn-\d+-reply-open"[^>]*><span class="typing")',
+    re.S)
 REPLY_TIMEOUT = 300.0  # seconds a single reply may take before the client gives up
 
 
@@ -122,9 +128,9 @@ class RestStreamClient:
 class UiSocketClient:
     """The chat UI's socket at ``/ws/chat``, as htmx drives it: JSON form values in, HTML out.
 
-    The UI re-renders the whole reply at most ~12 times a second (less often when many replies
-    stream: ``ui_socket.RenderPacer``), so its chunks are renders, not tokens: its time to
-    first token is real, its inter-token latency an average.
+    The UI sends a reply's finished blocks once and its open block again, at most ~12 times a
+    second (less often when many replies stream: ``ui_socket.RenderPacer``), so its chunks are
+    updates, not tokens: its time to first token is real, its inter-token latency an average.
     """
 
     name = "UI socket"
@@ -146,7 +152,7 @@ class UiSocketClient:
     def send(self, prompt: str) -> Reply:
         reply = Reply(sent_at=time.monotonic())
         self._send(userPrompt=prompt)
-        last_reply = ""
+        shown: list[str] = []  # the fragments that showed reply text, read at the end
         while True:
             fragment = self.ws.recv()
             now = time.monotonic()
@@ -154,13 +160,13 @@ class UiSocketClient:
             # the measuring client takes as little CPU from the server as the other clients.
             if REPLY_WITH_TEXT.match(fragment):
                 reply.chunk_times.append(now)
-                last_reply = fragment
+                shown.append(fragment)
             error = _element_text(fragment, "chat-error")  # tests the id before parsing
             if error:
                 reply.error = error
             if _composer_enabled(fragment):
                 break
-        reply.text = _reply_content(last_reply)
+        reply.text = _reply_content(shown)
         reply.finished_at = time.monotonic()
         return reply
 
@@ -222,12 +228,17 @@ def _text_of(fragment: str, outer: Callable[[dict], bool],
     return "".join(parser.parts).strip()
 
 
-def _reply_content(fragment: str) -> str:
-    """The text of the reply (``article#turn-N-reply .message__content``) in a fragment."""
-    if "-reply" not in fragment:
-        return ""
-    return _text_of(fragment, lambda a: (a.get("id") or "").endswith("-reply"),
-                    lambda a: "message__content" in (a.get("class") or "").split())
+def _reply_content(fragments: list[str]) -> str:
+    """The text of the reply the UI socket streamed in ``fragments``: its finished blocks, as
+    they came (``div[hx-swap-oob^=beforebegin]``), or the whole reply when it came again."""
+    parts: list[str] = []
+    for fragment in fragments:
+        if fragment.startswith("<article "):
+            parts = [_text_of(fragment, lambda a: (a.get("id") or "").endswith("-reply"),
+                              lambda a: "message__content" in (a.get("class") or "").split())]
+        elif re.match(r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open">', fragment):
+            parts.append(_text_of(fragment, lambda a: "hx-swap-oob" in a))
+    return "\n".join(part for part in parts if part)
 
 
 def _element_text(fragment: str, element_id: str) -> str:

@@ -16,7 +16,8 @@ safe strategy is raw HTML off plus a strict link check, so:
   language name, and a copy button; the code itself is escaped;
 - table column alignment becomes a class, because the strict CSP refuses ``style`` attributes.
 
-:func:`render_markdown` returns :class:`markupsafe.Markup`; it is the one producer of markup
+:func:`render_markdown` returns :class:`markupsafe.Markup`; it and ``markdown_blocks`` (which
+renders a streaming reply block by block with the same parser) are the only producers of markup
 from untrusted text, so templates never need ``|safe``.
 """
 
@@ -38,6 +39,7 @@ SAFE_LINK = re.compile(r"^(?:https?|mailto):", re.IGNORECASE)
 LANGUAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+#.-]{0,31}$")
 TABLE_ALIGN = re.compile(r"^text-align:(left|center|right)$")
 
+CODE_END = "</code></pre></div>\n"  # what follows a code block's text (markdown_blocks)
 COPY_BUTTON = ('<button type="button" class="copy-button" data-copy-code '
                'aria-label="Copy code">Copy</button>')
 
@@ -58,7 +60,7 @@ def _render_code(content: str, language: str) -> str:
     code_class = f' class="language-{escapeHtml(language)}"' if language else ""
     return (f'<div class="code-block"><div class="code-block__bar">'
             f'<span class="code-block__language">{label}</span>{COPY_BUTTON}</div>'
-            f"<pre><code{code_class}>{escapeHtml(content)}</code></pre></div>\n")
+            f"<pre><code{code_class}>{escapeHtml(content)}{CODE_END}")
 
 
 class SafeRenderer(RendererHTML):
@@ -116,6 +118,11 @@ def _build_parser() -> MarkdownIt:
 
 
 _PARSER = _build_parser()
+
+
+def markdown_parser() -> MarkdownIt:
+    """The configured parser (shared: markdown-it keeps no state between calls)."""
+    return _PARSER
 
 
 def render_markdown(text: str) -> Markup:

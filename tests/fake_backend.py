@@ -137,11 +137,14 @@ class FakeBackend:
         self.closed = True
 
     def _logits(self, sequence: list[int]) -> np.ndarray:
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        if ASSISTANT not in sequence or USER not in sequence[:sequence.index(ASSISTANT)]:
+            logits[END] = 30.0  # a raw prompt without the turn markers: nothing to answer
+            return logits
         start = len(sequence) - 1 - sequence[::-1].index(ASSISTANT)
         user_start = start - 1 - sequence[start - 1::-1].index(USER)
         user_text = bytes(t for t in sequence[user_start + 1:start] if t < 256).decode()
         generated = sequence[start + 1:]
-        logits = np.zeros(VOCAB, dtype=np.float32)
         letters = re.fullmatch(r"letters (\d+)", user_text)
         if letters:
             if len(generated) < int(letters.group(1)):

@@ -10,11 +10,12 @@ everything else is escaped by Jinja.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from flask import get_template_attribute, render_template
 from markupsafe import Markup, escape
 
+from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream, OpenCode
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
 from tanglebox.web.ui_conversation import PAGE, WIDGET, ChatSettings, Conversation, Turn
@@ -95,10 +96,83 @@ def new_turn_fragment(turn: Turn) -> str:
 
 
 def reply_fragment(turn: Turn, text: str, streaming: bool, note: str = "") -> str:
-    """``article#turn-N-reply`` (outerHTML): the whole reply so far, rendered again."""
+    """``article#turn-N-reply`` (outerHTML): the reply rendered whole (a regenerated reply's
+    empty start, a failed one's old text back)."""
+    return _reply_article(turn, render_markdown(text), streaming, note)
+
+
+def _reply_article(turn: Turn, html: Markup, streaming: bool, note: str = "",
+                   open_html: Markup | None = None) -> str:
     message = get_template_attribute("_message.html", "message")
-    return str(message(f"turn-{turn.id}-reply", "assistant", render_markdown(text),
-                       streaming=streaming, note=note, oob=True))
+    return str(message(f"turn-{turn.id}-reply", "assistant", html, streaming=streaming,
+                       note=note, oob=True, open_html=open_html or ""))
+
+
+class ReplyFragments(Protocol):
+    """The fragments that show one reply while it is written, and when it ends."""
+
+    def update(self, text: str) -> str:
+        """For the reply so far: what changed since the last update ("" for nothing)."""
+
+    def end(self, text: str, note: str) -> str:
+        """For the whole reply: what makes the page show it finished, with its note."""
+
+
+class StreamedReply:
+    """A reply sent as block deltas (``markdown_blocks``), into the open article of
+    ``new_turn_fragment`` or of ``reply_fragment(turn, "", streaming=True)``:
+
+    - ``div[hx-swap-oob="beforebegin:#turn-N-reply-open"]``: blocks that just finished, once;
+    - ``div#turn-N-reply-open`` (outerHTML): the open tail, rendered again whole;
+    - while the open tail is a fenced code block, its code element ends in
+      ``span#turn-N-reply-open-line`` (the line being written): whole lines of code go before
+      it (``div[hx-swap-oob="beforebegin:#turn-N-reply-open-line"]``), once each, and the span
+      is replaced with the line as it grows;
+    - at the end, the last blocks, ``#turn-N-reply-open`` deleted, the note appended: the
+      article is then the same as ``reply_fragment(turn, text, streaming=False, note)``;
+    - the whole article again only when earlier blocks changed (a reference definition came
+      for a ``[label]`` already shown).
+    """
+
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+        self.reply_id = f"turn-{turn.id}-reply"
+        self.blocks = MarkdownStream()
+
+    def update(self, text: str) -> str:
+        change = self.blocks.update(text)
+        if change.replaced:
+            return _reply_article(self.turn, change.finished, True, open_html=change.open)
+        open_block = get_template_attribute("_message.html", "open_block")
+        if change.code is not None:
+            return self._finished(change) + self._code(change.code, open_block)
+        return self._finished(change) + (
+            "" if change.open is None else str(open_block(self.reply_id, change.open, oob=True)))
+
+    def _code(self, code: OpenCode, open_block: Any) -> str:
+        line_id = f"{self.reply_id}-open-line"
+        if code.whole:
+            line = Markup('<span id="{}">{}</span>').format(line_id, code.last_line)
+            return str(open_block(self.reply_id, code.before + code.lines + line + code.after,
+                                  oob=True))
+        lines = (f'<div hx-swap-oob="beforebegin:#{line_id}">{code.lines}</div>'
+                 if code.lines else "")
+        return lines + ("" if code.last_line is None else
+                        f'<span id="{line_id}" hx-swap-oob="true">{code.last_line}</span>')
+
+    def end(self, text: str, note: str) -> str:
+        change = self.blocks.finish(text)
+        if change.replaced:
+            return _reply_article(self.turn, change.finished, False, note)
+        message_note = get_template_attribute("_message.html", "message_note")
+        note_html = (f'<div hx-swap-oob="beforeend:#{self.reply_id} .message__body">'
+                     f"{message_note(note)}</div>") if note else ""
+        return self._finished(change) + delete_fragment(f"{self.reply_id}-open") + note_html
+
+    def _finished(self, change: BlockUpdate) -> str:
+        # beforebegin swaps the wrapper's children in, so the wrapper is a plain div.
+        return (f'<div hx-swap-oob="beforebegin:#{self.reply_id}-open">{change.finished}</div>'
+                if change.finished else "")
 
 
 def delete_fragment(element_id: str) -> str:

@@ -26,15 +26,27 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
 
     connect      #messages, #composer [, #settings-form on the page, not the widget]
     send         1   div[hx-swap-oob="beforeend:#messages"] > section#turn-N (the person's
-                     message, article#turn-N-reply empty and aria-busy), #composer (disabled,
-                     with Stop), #chat-error (empty)
-                 2…  article#turn-N-reply: the WHOLE reply so far rendered again (Markdown on
-                     the server; never raw tokens appended to HTML), at most every
-                     RENDER_INTERVAL_SECONDS (less often for long replies or many
-                     at once: RenderPacer)
-                 3   article#turn-N-reply (final; a note when it ended early), #composer
-                     (enabled, Regenerate on)
-    regenerate   1   article#turn-N-reply (empty, aria-busy), #composer (disabled),
+                     message, article#turn-N-reply holding only div#turn-N-reply-open, the
+                     reply's open end: aria-busy, typing dots), #composer (disabled, with
+                     Stop), #chat-error (empty)
+                 2…  the reply as block deltas (``ui_fragments.StreamedReply``, blocks found by
+                     ``markdown_blocks``): div[hx-swap-oob="beforebegin:#turn-N-reply-open"]
+                     with the Markdown blocks that just finished (each sent once), then
+                     div#turn-N-reply-open with the open tail rendered again whole (left out
+                     when it did not change); an open fenced code block grows by its whole
+                     lines instead (appended before span#turn-N-reply-open-line, the line being
+                     written, which is replaced). Rendering stays on the server; every piece
+                     is whole blocks rendered from their whole text, or a code block's lines
+                     escaped, never raw tokens appended to HTML. At most every
+                     RENDER_INTERVAL_SECONDS (less often for long open blocks or many replies
+                     at once: RenderPacer). Rarely (a reference definition for a [label]
+                     already shown) the whole article#turn-N-reply.
+                 3   the last finished blocks as in 2, div#turn-N-reply-open
+                     hx-swap-oob="delete", the note (ended early, at the limit, empty) in a
+                     div[hx-swap-oob="beforeend:#turn-N-reply .message__body"]: the article is
+                     now exactly what a reconnect renders from history; #composer (enabled,
+                     Regenerate on)
+    regenerate   1   article#turn-N-reply (holding only its open end), #composer (disabled),
                      #chat-error (empty); then 2 and 3 as for send
     stop         the reply ends at once: 3, with the note "Stopped."
     new          #messages (empty), #composer, #chat-error (empty); while a reply streams, the
@@ -53,7 +65,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flask import current_app, request
 from flask_sock import Sock
@@ -82,6 +94,8 @@ from tanglebox.web.ui_conversation import (
     new_conversation,
 )
 from tanglebox.web.ui_fragments import (
+    ReplyFragments,
+    StreamedReply,
     composer_fragment,
     delete_fragment,
     error_fragment,
@@ -105,9 +119,10 @@ FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
 class RenderPacer:
     """How often a streaming reply is rendered again, across every UI socket of the process.
 
-    Each re-render (Markdown to HTML, then the send) takes CPU from the model on a CPU server.
-    A reply is re-rendered at most every ``RENDER_INTERVAL_SECONDS``, and less often when its
-    render is slow (a long reply) or many replies stream at once, so that re-rendering all of
+    Each update (the open tail's Markdown parsed and rendered again, a finished block rendered
+    once, then the send) takes CPU from the model on a CPU server. A reply is updated at most
+    every ``RENDER_INTERVAL_SECONDS``, and less often when its update is slow (a long open
+    block: a long list or code block) or many replies stream at once, so that updating all of
     them stays near ``RENDER_CPU_SHARE`` of one core. On a CPU server every core is busy with
     the model while replies stream, so this is taken from everyone's tokens: with 8 replies
     of about 500 characters (0.5 ms a render) each updates every ~150 ms instead of every
@@ -178,6 +193,9 @@ def request_error(err: RequestError) -> str:
 
 class ChatSocket:
     """One UI socket: its conversation, and the loop that answers it."""
+
+    # How a reply being written is sent (bench/ui_deltas.py measures another way beside it).
+    reply_fragments: Callable[[Turn], ReplyFragments] = StreamedReply
 
     def __init__(self, ws, runtime: Runtime, conversation: Conversation,
                  client_id: str) -> None:
@@ -311,6 +329,7 @@ class ChatSocket:
     def _stream(self, turn: Turn, previous: tuple[str, str] | None) -> None:
         """Relay the reply (fragments 2 and 3), watching the socket for Stop or New chat."""
         reply = self.conversation.reply
+        fragments = self.reply_fragments(turn)
         text, shown, outcome, command = "", "", None, ""
         last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
         counted = False  # in RENDER_PACER's count from the first token (not while queued)
@@ -329,7 +348,9 @@ class ChatSocket:
                     break
                 now = time.monotonic()
                 if text != shown and now - last_render >= interval:
-                    self.send(reply_fragment(turn, text, streaming=True))
+                    update = fragments.update(text)
+                    if update:
+                        self.send(update)
                     interval = RENDER_PACER.interval_after(time.monotonic() - now)
                     shown, last_render = text, now
         finally:
@@ -350,8 +371,7 @@ class ChatSocket:
         if command == "new":
             self.new_chat()
         else:
-            self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
-                      self._composer())
+            self.send(fragments.end(turn.reply, turn.note), self._composer())
 
     def _command_while_streaming(self) -> str:
         """"stop" or "new" when the reply must end now; answers other messages meanwhile."""

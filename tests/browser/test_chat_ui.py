@@ -18,8 +18,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import websocket
 
 from tests.live_server import LiveServer
+from tests.reply_page import element_end
 
 pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api",
@@ -56,6 +58,37 @@ with open("sales.csv", newline="") as f:
 | `quotechar` | Wraps fields that contain the separator |
 
 See the [csv documentation](https://docs.python.org/3/library/csv.html) for more."""
+# About 1,400 characters of Markdown: 14 s at the fake backend's 10 ms a character here.
+LONG_REPLY = """## Streaming, block by block
+
+Each block of this reply is sent **once**, when the next one begins; only the open block is
+rendered again while it grows. A payload split across tokens, like <scr""" + """ipt>alert(1)
+</script> or [a link](java""" + """script:alert(1)), stays text.
+
+1. The first item.
+2. The second item.
+
+3. A third item after a blank line: the list is loose now, every item a paragraph.
+
+```html
+<script>document.title = "pwned"</script>
+<img src=x onerror=alert(1)>
+```
+
+| Block | Sent |
+|---|---|
+| finished | once |
+| open | again, whole |
+| note | at the end |
+
+> A quote that goes on
+> over two lines.
+
+See [the docs][docs] for more.
+
+[docs]: https://example.com/docs
+
+That is the whole reply."""
 WIDE_REPLY = ("echo A long line: " + "x" * 300 + "\n\nhttps://example.com/" + "a" * 200 +
               "\n\n```\n" + "y = 1  # " + "z" * 300 + "\n```\n\n| " + " | ".join(
                   f"column {i}" for i in range(12)) + " |\n|" + "---|" * 12 + "\n| " +
@@ -120,8 +153,10 @@ def send(page, text: str) -> None:
 
 
 def finished_reply(page, turn: int = 1, deadline_ms: int = REPLY_DEADLINE_MS):
+    """The reply, once it is on the page and its open (aria-busy) end is gone."""
     reply = page.locator(f"#turn-{turn}-reply")
-    expect(reply).not_to_have_attribute("aria-busy", "true", timeout=deadline_ms)
+    expect(reply).to_be_attached()
+    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=deadline_ms)
     return reply
 
 
@@ -139,8 +174,8 @@ def test_enter_sends_and_the_reply_streams_in_then_finishes(open_page, server):
     send(page, "count 150")
 
     expect(page.locator("#turn-1-prompt .message__content")).to_have_text("count 150")
-    streaming = page.locator("#turn-1-reply[aria-busy=true]")
-    expect(streaming.locator(".message__content")).to_contain_text("1 2 3")  # partial
+    streaming = page.locator("#turn-1-reply .message__content > [aria-busy=true]")
+    expect(streaming).to_contain_text("1 2 3")  # partial
     expect(page.locator("#prompt")).to_be_disabled()
     expect(page.get_by_role("button", name="Stop")).to_be_visible()
     expect(page.locator("#messages")).to_have_attribute("aria-live", "polite")
@@ -176,7 +211,8 @@ def test_shift_enter_makes_a_new_line_and_code_blocks_get_a_working_copy_button(
 def test_stop_ends_the_reply(open_page, server):
     page = connected(open_page(server.url))
     send(page, "count 3000")
-    expect(page.locator("#turn-1-reply[aria-busy=true] .message__content")).to_contain_text("3")
+    expect(page.locator("#turn-1-reply .message__content > [aria-busy=true]")).to_contain_text(
+        "3")
     page.get_by_role("button", name="Stop").click()
     reply = finished_reply(page)
     expect(reply.locator(".message__note")).to_have_text("Stopped.")
@@ -250,6 +286,60 @@ def test_a_phone_sized_screen_never_scrolls_sideways(open_page, server):
                          " return c.scrollWidth <= c.clientWidth; })()")
 
 
+def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_renders_it(
+        open_page, server, tmp_path):
+    page = connected(open_page(server.url))
+    # What the open code block shows at each change of the page, while it is open.
+    page.evaluate("""() => {
+        window.openCode = [];
+        new MutationObserver(() => {
+            const code = document.querySelector("#turn-1-reply-open code");
+            if (code) window.openCode.push(code.textContent);
+        }).observe(document.getElementById("messages"),
+                   {childList: true, subtree: true, characterData: true});
+    }""")
+    send(page, "echo " + LONG_REPLY)
+    content = page.locator("#turn-1-reply .message__content")
+    open_end = content.locator(":scope > #turn-1-reply-open[aria-busy=true]")
+    # While it streams: the finished blocks stand rendered before the open end.
+    code = content.locator(":scope > .code-block code.language-html")
+    expect(code).to_contain_text("</script>")
+    expect(open_end).to_be_visible()
+    expect(content.locator(":scope > h2")).to_have_text("Streaming, block by block")
+    # The list went on across a blank line, and was sent once it had ended.
+    expect(content.locator(":scope > ol > li")).to_have_count(3)
+    page.screenshot(path=str(tmp_path / "streaming.png"), caret="initial")
+
+    finished_reply(page)
+    expect(content.locator(":scope > .table-scroll table tbody tr")).to_have_count(3)
+    expect(content.locator("a[href='https://example.com/docs']")).to_have_text("the docs")
+    expect(content.locator(":scope > p").last).to_have_text("That is the whole reply.")
+    assert page.locator("#messages script, #messages img, #messages [onerror]").count() == 0
+    # The open code block grew by whole lines and its last line, always a prefix of the code.
+    final_code = code.text_content()
+    open_code = page.evaluate("window.openCode")
+    assert any(text.startswith('<script>document.title = "pwned"</script>\n<img')
+               for text in open_code)
+    assert all(final_code.startswith(text.rstrip("`")) for text in open_code)
+    page.screenshot(path=str(tmp_path / "finished.png"), caret="initial", full_page=True)
+
+    # The page now holds exactly what a reconnect gets from history, rendered at once.
+    socket_url = page.locator("[ws-connect]").get_attribute("ws-connect")
+    again = websocket.create_connection(server.ws_url + socket_url, timeout=30)
+    try:
+        sync = again.recv()
+    finally:
+        again.close()
+    start = sync.index('<article id="turn-1-reply"')
+    history = sync[start:element_end(sync, start)]
+    assert page.evaluate("""(html) => {
+        const template = document.createElement("template");
+        template.innerHTML = html;
+        return template.content.firstElementChild.outerHTML ===
+            document.getElementById("turn-1-reply").outerHTML;
+    }""", history)
+
+
 @pytest.mark.parametrize("color_scheme, viewport, name, scale", [
     ("light", DESKTOP, "screenshot-desktop.png", 1),
     ("dark", PHONE, "screenshot-phone.png", 2),
@@ -295,7 +385,8 @@ def test_the_widget_works_inside_an_iframe_on_an_allowed_origin(open_page, serve
     widget.locator("#prompt").fill("echo Hello from the **widget**")
     widget.locator("#prompt").press("Enter")
     reply = widget.locator("#turn-1-reply")
-    expect(reply).not_to_have_attribute("aria-busy", "true", timeout=REPLY_DEADLINE_MS)
+    expect(reply).to_be_attached()
+    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
     expect(reply.locator("strong")).to_have_text("widget")
 
 
@@ -329,8 +420,8 @@ def test_the_real_model_streams_a_reply_in_the_browser(open_page, tmp_path):
     try:
         page = connected(open_page(server.url))
         send(page, "What is the capital of France?")
-        expect(page.locator("#turn-1-reply[aria-busy=true] .message__content")).not_to_be_empty(
-            timeout=REAL_MODEL_DEADLINE_MS)
+        expect(page.locator("#turn-1-reply .message__content > [aria-busy=true]")
+               ).not_to_be_empty(timeout=REAL_MODEL_DEADLINE_MS)
         reply = finished_reply(page, deadline_ms=REAL_MODEL_DEADLINE_MS)
         expect(reply.locator(".message__content")).not_to_be_empty()
         expect(page.locator("#prompt")).to_be_enabled()

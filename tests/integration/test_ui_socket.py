@@ -1,6 +1,8 @@
 """The chat UI's socket at ``/ws/chat``, driven by a real websocket client against a live server
 (gunicorn + gevent) on the fake backend: the exact fragment sequence of ``ui_socket``'s
 docstring, Stop, New chat, Regenerate, settings, refusals, XSS, Origin, idle and reconnects.
+A reply streams as block deltas; what the page shows is built from them as htmx's ws extension
+swaps them in (tests/reply_page.py).
 
 The fake "model" answers ``echo X`` with X and ``count N`` with "1 2 … N", one byte per token.
 """
@@ -19,6 +21,7 @@ import websocket
 from websocket import ABNF
 
 from tests.live_server import LiveServer, wait_until_idle
+from tests.reply_page import ReplyPage
 
 RECEIVE_DEADLINE = 15  # seconds any single message may take before the test fails
 HUGE = 200_000
@@ -125,6 +128,15 @@ def reply_text(message: str, turn: int = 1) -> str:
     return element(message, f"turn-{turn}-reply").find(".message__content").text()
 
 
+def shown_reply(messages: list[str], turn: int = 1) -> Node:
+    """The reply's article as the page shows it after ``messages`` (the turn's deltas)."""
+    return parse(ReplyPage(turn).apply_all(messages).html)[0]
+
+
+def shown_text(messages: list[str], turn: int = 1) -> str:
+    return shown_reply(messages, turn).find(".message__content").text()
+
+
 def composer_is_busy(message: str) -> bool:
     textarea = element(message, "composer").find("textarea")
     return "disabled" in textarea.attrs
@@ -226,22 +238,25 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
     section = parse(first)[0].find("#turn-1")
     assert section.find("#turn-1-prompt").find(".message__content").text() == "count 40"
     reply = section.find("#turn-1-reply")
-    assert reply.attrs["aria-busy"] == "true" and "hx-disable" in reply.attrs
+    assert reply.find("#turn-1-reply-open").attrs["aria-busy"] == "true"
+    assert "hx-disable" in reply.attrs
     assert composer_is_busy(first) and element(first, "composer").find(".round-button--stop")
     assert "hidden" in element(first, "chat-error").attrs
 
     assert updates, "the reply should arrive in several re-rendered pieces"
     seen = ""
-    for update in updates:
-        assert targets(update) == ["#turn-1-reply"]
-        assert element(update, "turn-1-reply").attrs["aria-busy"] == "true"
-        text = reply_text(update)
+    for count, update in enumerate(updates, start=2):
+        # One paragraph: it stays the open block, rendered again whole at each update.
+        assert targets(update) == ["#turn-1-reply-open"]
+        assert element(update, "turn-1-reply-open").attrs["aria-busy"] == "true"
+        text = shown_text(messages[:count])
         assert full.startswith(text) and len(text) > len(seen)  # the whole reply so far
         seen = text
 
-    assert targets(last) == ["#turn-1-reply", "#composer"]
-    assert "aria-busy" not in element(last, "turn-1-reply").attrs
-    assert reply_text(last) == full
+    assert targets(last) == ["beforebegin:#turn-1-reply-open", "delete #turn-1-reply-open",
+                             "#composer"]
+    assert all("aria-busy" not in node.attrs for node in shown_reply(messages).walk())
+    assert shown_text(messages) == full
     regenerate = element(last, "composer").find_all("button")[-1]
     assert regenerate.attrs["value"] == "regenerate" and "disabled" not in regenerate.attrs
 
@@ -249,12 +264,13 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
 def test_turns_are_numbered_and_the_conversation_is_kept(chat):
     chat.ask("echo first")
     messages = chat.ask("echo second")
-    assert reply_text(messages[-1], turn=2) == "second"
+    assert shown_text(messages, turn=2) == "second"
 
 
 def test_markdown_is_rendered_on_the_server(chat):
-    last = chat.ask("echo ## Title\n\n```python\nprint(1)\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |")[-1]
-    reply = element(last, "turn-1-reply").find(".message__content")
+    messages = chat.ask(
+        "echo ## Title\n\n```python\nprint(1)\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |")
+    reply = shown_reply(messages).find(".message__content")
     assert reply.find("h2").text() == "Title"
     assert reply.find("code").attrs["class"] == "language-python"
     assert "data-copy-code" in reply.find("button").attrs
@@ -265,18 +281,22 @@ def test_markdown_is_rendered_on_the_server(chat):
 
 def test_stop_ends_the_reply_at_once_and_keeps_what_was_written(chat, server):
     chat.send(userPrompt="count 2000")
-    assert targets(chat.receive())[0] == "beforeend:#messages"
-    assert targets(chat.receive()) == ["#turn-1-reply"]  # it is streaming
+    first = chat.receive()
+    assert targets(first)[0] == "beforeend:#messages"
+    streaming = chat.receive()
+    assert targets(streaming) == ["#turn-1-reply-open"]  # it is streaming
     chat.send(action="stop")
     messages = chat.receive_until_composer_enabled()
     last = messages[-1]
-    assert targets(last) == ["#turn-1-reply", "#composer"]
-    assert element(last, "turn-1-reply").find(".message__note").text() == "Stopped."
-    text = reply_text(last)
+    assert targets(last) == ["beforebegin:#turn-1-reply-open", "delete #turn-1-reply-open",
+                             "beforeend:#turn-1-reply .message__body", "#composer"]
+    reply = shown_reply([first, streaming, *messages])
+    assert reply.find(".message__note").text() == "Stopped."
+    text = reply.find(".message__content").text()
     assert text and " ".join(str(i) for i in range(1, 2001)).startswith(text)
     assert len(text) < 1000
     wait_until_idle(server)
-    assert reply_text(chat.ask("echo after stop")[-1], turn=2) == "after stop"
+    assert shown_text(chat.ask("echo after stop"), turn=2) == "after stop"
 
 
 def test_regenerate_writes_the_last_reply_again(chat):
@@ -285,8 +305,9 @@ def test_regenerate_writes_the_last_reply_again(chat):
     messages = chat.receive_until_composer_enabled()
     assert targets(messages[0]) == ["#turn-1-reply", "#composer", "#chat-error"]
     assert reply_text(messages[0]) == "" and composer_is_busy(messages[0])
-    assert targets(messages[-1]) == ["#turn-1-reply", "#composer"]
-    assert reply_text(messages[-1]) == "again"
+    assert targets(messages[-1]) == ["beforebegin:#turn-1-reply-open",
+                                     "delete #turn-1-reply-open", "#composer"]
+    assert shown_text(messages) == "again"
 
 
 def test_regenerate_with_nothing_to_regenerate_is_refused(chat):
@@ -319,12 +340,12 @@ def test_new_chat_while_streaming_stops_the_reply_and_clears(chat, server):
 
 def test_a_second_message_while_streaming_is_refused_and_the_reply_goes_on(chat):
     chat.send(userPrompt="count 60")
-    chat.receive()
+    first = chat.receive()
     chat.send(userPrompt="echo too soon")
-    messages = chat.receive_until_composer_enabled()
+    messages = [first, *chat.receive_until_composer_enabled()]
     refusals = [m for m in messages if targets(m) == ["#chat-error"]]
     assert refusals and "still being written" in element(refusals[0], "chat-error").text()
-    assert reply_text(messages[-1]) == " ".join(str(i) for i in range(1, 61))
+    assert shown_text(messages) == " ".join(str(i) for i in range(1, 61))
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -348,9 +369,9 @@ def test_settings_are_validated_and_a_bad_value_changes_nothing(server):
             assert "Not applied" in element(refused, "settings-status").text()
 
         # The applied settings hold: 7 new tokens at most.
-        last = chat.ask("count 50")[-1]
-        assert reply_text(last) == "1 2 3 4"
-        assert "limit of 7 new tokens" in element(last, "turn-1-reply").text()
+        messages = chat.ask("count 50")
+        assert shown_text(messages) == "1 2 3 4"
+        assert "limit of 7 new tokens" in shown_reply(messages).text()
     with closing(ChatClient(server, conversation="settings-test-0001")) as again:
         assert element(again.sync, "temperature").attrs["value"] == "0"
         assert element(again.sync, "max-new-tokens").attrs["value"] == "7"
@@ -429,7 +450,7 @@ def test_model_text_never_becomes_markup_while_streaming_or_after(chat):
     messages = chat.ask("echo " + XSS)
     for message in messages:  # every update holds a payload cut at some byte
         assert_inert(message)
-    assert "<script>alert(1)</script>" in reply_text(messages[-1])  # shown as text
+    assert "<script>alert(1)</script>" in shown_text(messages)  # shown as text
 
 
 def test_user_text_never_becomes_markup(chat):
@@ -470,7 +491,7 @@ def test_a_reconnect_carries_the_conversation_on(server):
         chat.ask("echo kept")
     with closing(ChatClient(server, conversation="reconnect-test-0001")) as again:
         assert element(again.sync, "turn-1-reply").find(".message__content").text() == "kept"
-        assert reply_text(again.ask("echo next")[-1], turn=2) == "next"
+        assert shown_text(again.ask("echo next"), turn=2) == "next"
 
 
 def test_a_reconnect_interrupts_the_reply_the_old_socket_was_writing(server):
@@ -483,7 +504,7 @@ def test_a_reconnect_interrupts_the_reply_the_old_socket_was_writing(server):
         reply = element(new.sync, "turn-1-reply")
         assert reply.find(".message__note").text() == "Interrupted."
         assert re.fullmatch(r"[\d ]+", reply.find(".message__content").text())
-        assert reply_text(new.ask("echo mine now")[-1], turn=2) == "mine now"
+        assert shown_text(new.ask("echo mine now"), turn=2) == "mine now"
     old.close()
 
 

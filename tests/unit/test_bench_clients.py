@@ -13,7 +13,7 @@ import pytest
 from bench.clients import (REPLY_WITH_TEXT, LlamaServerClient, OpenAIChatClient,
                            _reply_content, chat_prompt_check)
 from tanglebox.web.ui_conversation import Turn
-from tanglebox.web.ui_fragments import new_turn_fragment, reply_fragment
+from tanglebox.web.ui_fragments import StreamedReply, new_turn_fragment, reply_fragment
 
 
 def test_only_fragments_that_show_reply_text_count_as_chunks(app):
@@ -21,13 +21,16 @@ def test_only_fragments_that_show_reply_text_count_as_chunks(app):
     with app.app_context():
         person = new_turn_fragment(turn)
         typing = reply_fragment(turn, "", streaming=True)
-        partial = reply_fragment(turn, "Once upon", streaming=True)
-        final = reply_fragment(turn, "Once upon a **time**.", streaming=False)
+        stream = StreamedReply(turn)
+        partial = stream.update("Once upon")
+        more = stream.update("Once upon a time.\n\nThe\n\n")
+        end = stream.end("Once upon a time.\n\nThe end.", note="")
+        again = reply_fragment(turn, "Once upon a **time**.", streaming=False)
     assert not REPLY_WITH_TEXT.match(person)
     assert not REPLY_WITH_TEXT.match(typing)
-    assert REPLY_WITH_TEXT.match(partial) and REPLY_WITH_TEXT.match(final)
-    assert _reply_content(partial) == "Once upon"
-    assert _reply_content(final) == "Once upon a time."
+    assert all(REPLY_WITH_TEXT.match(shown) for shown in (partial, more, end, again))
+    assert _reply_content([partial, more, end]).split("\n") == ["Once upon a time.", "The end."]
+    assert _reply_content([partial, again]) == "Once upon a time."
 
 
 def chat_chunk(delta: dict, finish_reason: str | None = None) -> dict:

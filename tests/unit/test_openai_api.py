@@ -190,6 +190,13 @@ def test_completion_reads_the_raw_prompt(client):
     assert body["usage"]["prompt_tokens"] == len(b"echo raw") + 3
 
 
+def test_a_raw_prompt_without_turn_markers_is_answered_not_a_5xx(client):
+    # Found by the fuzz test: the fake model once failed on a prompt it could not read.
+    response = client.post("/v1/completions", json={"prompt": "echo hi"})
+    assert response.status_code == 200
+    assert response.get_json()["choices"][0]["finish_reason"] == "stop"
+
+
 def test_streamed_completion_chunks_and_done(client):
     prompt = "<|user|>echo raw text<|end|><|assistant|>"
     events = sse_events(client.post("/v1/completions", json={"prompt": prompt, "stream": True}))

@@ -19,6 +19,7 @@ from tanglebox.web.ui_conversation import (
 )
 from tanglebox.web.ui_socket import RENDER_PACER, ChatSocket
 from tests.fake_backend import SPECIALS
+from tests.reply_page import ReplyPage
 
 SPECIAL_NAMES = {token: name for name, token in SPECIALS.items()}
 
@@ -109,6 +110,7 @@ class ScriptedClient:
     def __init__(self, *messages: dict) -> None:
         self.incoming = [json.dumps({**m, "HEADERS": {"HX-Request": "true"}}) for m in messages]
         self.sent: list[str] = []
+        self.reconnect_sync: list[str] = []
 
     def receive(self, timeout=None):
         if timeout == 0:
@@ -131,6 +133,8 @@ def talk(app, surface: str, *messages: dict) -> ScriptedClient:
     with app.test_request_context("/ws/chat"):
         with pytest.raises(ConnectionClosed):
             ChatSocket(client, runtime, conversation, "test").run()
+        # What a page reconnecting to this conversation now gets.
+        client.reconnect_sync = ChatSocket(ScriptedClient(), runtime, conversation, "test")._sync()
     return client
 
 
@@ -142,7 +146,7 @@ def model_prompts(backend) -> list[str]:
 @pytest.mark.parametrize("settings_values", [{"widgetSystemPrompt": "Answer about Tanglebox."}])
 def test_the_widget_sends_the_widget_system_prompt(app, fake_backend):
     client = talk(app, WIDGET, {"userPrompt": "echo hi"})
-    assert "hi" in client.sent[-2]
+    assert ReplyPage().apply_all(client.sent).text() == "hi"
     [prompt] = model_prompts(fake_backend)
     assert prompt.startswith("<|system|>Answer about Tanglebox.<|end|><|user|>echo hi<|end|>")
 
@@ -175,8 +179,9 @@ def test_a_turn_sends_fragments_in_the_documented_order(app):
     client = talk(app, PAGE, {"userPrompt": "echo ok"})
     sync, first, *updates, last = client.sent
     assert 'id="messages" ' in sync and 'hx-swap-oob="beforeend:#messages"' in first
-    assert all('id="turn-1-reply"' in update for update in updates)
-    assert last.startswith('<article id="turn-1-reply"') and 'id="composer"' in last
+    assert all('id="turn-1-reply-open"' in update for update in updates)
+    assert '<div id="turn-1-reply-open" hx-swap-oob="delete">' in last
+    assert 'id="composer"' in last
 
 
 def test_a_finished_reply_leaves_the_render_budget_to_the_others(app):
