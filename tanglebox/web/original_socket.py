@@ -80,6 +80,7 @@ from tanglebox.runtime import Refusal, Refused, Runtime, current_runtime
 from tanglebox.web.auth import (require_api_enabled, request_token, require_token,
                                 token_is_valid)
 from tanglebox.web.socket_inbox import bounded_inbox, close
+from tanglebox.web.socket_writes import write_whole_frames
 
 # Client → server.
 SET_TEMPERATURE = "#-set-temp-#"
@@ -187,6 +188,7 @@ def check_handshake() -> None:
 
 def original_socket(ws: Server) -> None:
     """One client's socket, from the first message to the close."""
+    write_whole_frames(ws)
     with bounded_inbox(ws, current_runtime().settings["maxRequestBytes"]):
         serve(ws, current_runtime(), client_id=request.remote_addr or "",
               authenticated=token_is_valid(request_token()))

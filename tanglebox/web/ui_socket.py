@@ -83,6 +83,7 @@ from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, 
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import Refused, Runtime, current_runtime
 from tanglebox.web.socket_inbox import bounded_inbox, close
+from tanglebox.web.socket_writes import write_whole_frames
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
@@ -151,6 +152,7 @@ def register(sock: Sock) -> None:
     @sock.route("/ws/chat")
     def chat_socket(ws) -> None:
         runtime = current_runtime()
+        write_whole_frames(ws)
         with bounded_inbox(ws, runtime.settings["maxRequestBytes"]):
             store = conversation_store(current_app)
             surface = WIDGET if request.args.get("surface") == WIDGET else PAGE

@@ -23,6 +23,7 @@ import pytest
 import requests
 import websocket
 
+from tests.reply_page import ReplyPage
 from tests.live_server import LiveServer, wait_until, wait_until_idle
 
 ACK, FIN, PONG = "#a-c-k#", "#f-i-n#", "#-pong-#"
@@ -155,15 +156,17 @@ class UiClient:
     def reply(self, prompt: str) -> tuple[str | None, str | None]:
         """(the reply's text, the error text) once the composer is enabled again."""
         self.send(userPrompt=prompt)
-        last_reply = error = None
+        page, error = None, None
         while True:
             fragment = self.ws.recv()
-            reply = re.search(r'id="(turn-\d+-reply)"', fragment)
-            if reply:
-                last_reply = element_text(fragment, reply.group(1), "message__content")
+            turn = re.search(r'id="turn-(\d+)-reply"', fragment)
+            if turn and page is None:
+                page = ReplyPage(int(turn.group(1)))
+            if page is not None:  # the reply's deltas, swapped in as htmx does
+                page.apply(fragment)
             error = element_text(fragment, "chat-error") or error
             if _composer_enabled(fragment):
-                return last_reply, error
+                return (page.text() if page and page.html else None), error
 
     def close(self) -> None:
         self.ws.close()
