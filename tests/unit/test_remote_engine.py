@@ -225,7 +225,7 @@ def test_a_refused_connection_mid_service_marks_the_model_unavailable(upstream, 
     engine = make_engine()
     upstream.down()
     text, error = final(engine.submit(ask()))
-    assert error == Error(ErrorCode.UPSTREAM, "The model big is unavailable; try again later.")
+    assert error == Error(ErrorCode.UNAVAILABLE, "The model big is unavailable; try again later.")
     assert engine.state == ModelState.UNAVAILABLE
 
 
