@@ -224,11 +224,24 @@ class RemoteEngine:
 
     def _probe(self) -> None:
         try:
-            self.client.get_json("/models", min(PROBE_TIMEOUT_SECONDS, self.upstream.timeout))
+            listed = self.client.get_json("/models",
+                                          min(PROBE_TIMEOUT_SECONDS, self.upstream.timeout))
         except UpstreamError as err:
             self._mark(ModelState.UNAVAILABLE, err.detail)
-        else:
-            self._mark(ModelState.READY, "")
+            return
+        if self.state != ModelState.READY:
+            self._check_listed(listed)
+        self._mark(ModelState.READY, "")
+
+    def _check_listed(self, listed: Any) -> None:
+        """Warn when the upstream does not list the endpoint's ``model``: some engines serve
+        any name (llama_cpp.server), others answer 404 (vLLM, Tanglebox)."""
+        data = listed.get("data") if isinstance(listed, dict) else None
+        ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        if ids and self.upstream.model not in ids:
+            log.warning("remote %s: the upstream lists %s, not %r (the endpoint's \"model\"); "
+                        "it may refuse requests for it", self.name,
+                        ", ".join(map(str, ids[:5])), self.upstream.model)
 
     def _mark(self, state: ModelState, detail: str) -> None:
         if state != self.state:

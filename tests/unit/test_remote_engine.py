@@ -211,6 +211,13 @@ def test_an_error_chunk_mid_stream_ends_the_reply_with_an_error(upstream, make_e
     assert "remote big: the upstream ended the stream with an error" in caplog.text
 
 
+def test_a_model_the_upstream_does_not_list_is_a_warning_for_the_operator(upstream,
+                                                                          make_engine, caplog):
+    upstream.model = "another-model"
+    make_engine()
+    assert "remote big: the upstream lists another-model, not 'fake-model'" in caplog.text
+
+
 def test_a_wrong_key_makes_the_model_unavailable_naming_the_variable_not_the_key(
         upstream, make_engine):
     engine = make_engine(key="sk-wrong-key", ready=False)
