@@ -37,6 +37,23 @@ def model_id(settings: Settings) -> str:
     return Path(name).name or name
 
 
+def served_model_ids(settings: Settings) -> list[str]:
+    """The model ids these settings serve, known before anything loads: the local model's
+    (when there is one) and each remote endpoint's name (``remoteEndpoints``, issue 16)."""
+    local = [model_id(settings)] if settings["modelName"] else []
+    return local + [endpoint["name"] for endpoint in settings.values.get("remoteEndpoints", [])]
+
+
+def check_widget_model(settings: Settings) -> None:
+    """``widgetModel`` empty (the default model) or one of the served ids, checked at start:
+    the widget has no picker, so a wrong id would refuse every widget message."""
+    chosen, served = settings["widgetModel"], served_model_ids(settings)
+    if chosen and chosen not in served:
+        raise SettingsError(f"{settings.path.name}: \"widgetModel\" is \"{chosen}\", which is "
+                            f"not a model served here; use one of {', '.join(served)} "
+                            "(or empty for the default model)")
+
+
 def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

@@ -24,7 +24,7 @@ from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine, engine_from_settings
 from tanglebox.gunicorn_logging import ScrubbingLogger
 from tanglebox.listener import tls_context_or_stop
-from tanglebox.model_location import ModelLocation, locate_model, model_id
+from tanglebox.model_location import ModelLocation, check_widget_model, locate_model, model_id
 from tanglebox.prompting import template_names
 from tanglebox.remote_engine import RemoteEngine
 from tanglebox.runtime import Runtime
@@ -49,6 +49,7 @@ def preflight(settings: Settings) -> ModelLocation | None:
     """Everything checkable before loading; raises SettingsError with one line to act on.
 
     The local model's location; None when ``modelName`` is empty (remote models only)."""
+    check_widget_model(settings)
     template = settings["conversationTemplate"]
     if template not in template_names():
         raise SettingsError(f"{settings.path.name}: \"conversationTemplate\" is \"{template}\", "

@@ -172,6 +172,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Origins allowed to embed `/widget` in an iframe (CSP `frame-ancestors`); empty: none."),
     Setting("widgetTitle", "Chat", str, "Title shown in the widget's header."),
     Setting("widgetSystemPrompt", "", str, "System prompt for widget conversations."),
+    Setting("widgetModel", "", str,
+            "The model widget conversations use: a served model's id (the local model's, or a "
+            "`remoteEndpoints` name); empty: the default model. The widget has no model picker."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}

@@ -1,4 +1,9 @@
-"""Serve the fake backend with the production stack: ``python -m tests.fake_server SETTINGS FAKE_JSON``."""
+"""Serve the fake backend with the production stack: ``python -m tests.fake_server SETTINGS FAKE_JSON``.
+
+FAKE_JSON holds ``FakeBackend``'s arguments, and optionally ``extra_models`` (more models, by
+id: each one's own ``FakeBackend`` arguments) and ``unavailable_models`` (ids listed as down):
+``tests.extra_models``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from tanglebox.engine import engine_from_settings
 from tanglebox.runtime import Runtime
 from tanglebox.serving import TangleboxServer, configure_logging, start_remotes
 from tanglebox.settings import load_settings
+from tests.extra_models import serve_models
 from tests.fake_backend import FakeBackend
 
 
@@ -20,10 +26,17 @@ class FakeServer(TangleboxServer):
     def load(self):
         from tanglebox.web import create_app
         configure_logging(self.settings)
-        runtime = Runtime(self.settings)
-        if self.settings["modelName"]:
-            runtime.attach_engine(engine_from_settings(self.settings,
-                                                       FakeBackend(**self.fake_options)))
+        options = dict(self.fake_options)
+        extra = options.pop("extra_models", {})
+        unavailable = tuple(options.pop("unavailable_models", ()))
+        if extra or unavailable:
+            runtime = serve_models(self.settings, FakeBackend(**options),
+                                   {name: FakeBackend(**kwargs) for name, kwargs in extra.items()},
+                                   unavailable)
+        else:
+            runtime = Runtime(self.settings)
+            if self.settings["modelName"]:
+                runtime.attach_engine(engine_from_settings(self.settings, FakeBackend(**options)))
         start_remotes(runtime)  # remoteEndpoints, as in production
         return create_app(self.settings, runtime)
 

@@ -45,11 +45,12 @@ class Turn:
 
 @dataclass
 class ChatSettings:
-    """This conversation's own sampling settings (the settings panel)."""
+    """This conversation's own settings (the settings panel; ``ui_settings``)."""
 
     temperature: float
     max_new_tokens: int
     system_prompt: str  # empty: the server's default
+    model: str = ""  # a served model's id; empty: the default model
 
 
 @dataclass
@@ -105,11 +106,13 @@ def new_conversation_id() -> str:
 
 
 def new_conversation(conversation_id: str, surface: str, settings: Settings) -> Conversation:
-    """A conversation with the server's defaults (and the widget's system prompt there)."""
-    system_prompt = settings["widgetSystemPrompt"] if surface == WIDGET else ""
+    """A conversation with the server's defaults (and the widget's system prompt and model
+    there)."""
+    widget = surface == WIDGET
     return Conversation(conversation_id, surface, ChatSettings(
         temperature=float(settings["temperature"]), max_new_tokens=settings["maxNewTokens"],
-        system_prompt=system_prompt))
+        system_prompt=settings["widgetSystemPrompt"] if widget else "",
+        model=settings["widgetModel"] if widget else ""))
 
 
 class ConversationStore:

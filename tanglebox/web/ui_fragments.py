@@ -18,7 +18,8 @@ from markupsafe import Markup, escape
 from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream, OpenCode
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
-from tanglebox.web.ui_conversation import PAGE, WIDGET, ChatSettings, Conversation, Turn
+from tanglebox.web.ui_conversation import PAGE, WIDGET, Conversation, Turn
+from tanglebox.web.ui_settings import model_options, settings_form_values
 
 EMPTY_TITLES = {PAGE: "What can I help with?", WIDGET: "Ask a question to start."}
 
@@ -32,13 +33,6 @@ class RenderedTurn:
 
 def render_turn(turn: Turn) -> RenderedTurn:
     return RenderedTurn(turn, render_markdown(turn.prompt), render_markdown(turn.reply))
-
-
-def settings_form_values(settings: ChatSettings) -> dict[str, str]:
-    """The settings as the form shows them (the original parameter names)."""
-    return {"temperature": f"{settings.temperature:g}",
-            "maxNewTokens": str(settings.max_new_tokens),
-            "systemPrompt": settings.system_prompt}
 
 
 def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
@@ -57,6 +51,7 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
         "keep_draft": False,
         "error": "",
         "form": settings_form_values(conversation.settings),
+        "model_options": model_options(runtime, conversation.settings.model),
         "errors": {},
         "status": "",
     }
@@ -84,7 +79,8 @@ def settings_fragment(runtime: Runtime, form: dict[str, str], errors: dict[str, 
                       status: str) -> str:
     """``#settings-form`` (outerHTML): the values, and what was wrong or what was saved."""
     return render_template("_settings.html", oob=True, form=form, errors=errors, status=status,
-                           max_new_tokens_limit=runtime.settings["maxNewTokensLimit"])
+                           max_new_tokens_limit=runtime.settings["maxNewTokensLimit"],
+                           model_options=model_options(runtime, form["model"]))
 
 
 def new_turn_fragment(turn: Turn) -> str:

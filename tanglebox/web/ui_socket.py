@@ -19,7 +19,9 @@ Client to server: htmx sends a form's values as a JSON object plus a ``HEADERS``
     {"action": "stop"}           stop the reply being written
     {"action": "regenerate"}     write the last reply again
     {"action": "new"}            New chat: forget the conversation
-    {"action": "settings", "temperature": "0.7", "maxNewTokens": "512", "systemPrompt": ""}
+    {"action": "settings", "model": "", "temperature": "0.7", "maxNewTokens": "512",
+     "systemPrompt": ""}                               (``ui_settings``; no "model" with one
+                                                        model served: no picker)
 
 Server to client: each line below is one websocket message; every top-level element in it
 carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
@@ -51,11 +53,12 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
     stop         the reply ends at once: 3, with the note "Stopped."
     new          #messages (empty), #composer, #chat-error (empty); while a reply streams, the
                  reply is stopped first (no step 3)
-    settings     #settings-form (saved; or the bad fields named, and nothing changed); while
-                 a reply streams they apply from the next reply on
+    settings     #settings-form (saved; or the bad fields named, and nothing changed, a
+                 model not served here included); while a reply streams they apply from the
+                 next reply on, the model too (``ChatRequest.model``)
     refused      #chat-error (why), #composer (enabled, the person's text put back):
                  bad input, maintenance, model loading, queue full, a reply already being
-                 written. An engine error after step 1 first removes the turn
+                 written, a model no longer served. An engine error after step 1 first removes the turn
                  (div#turn-N hx-swap-oob="delete"), or for regenerate restores the old reply.
                  An unreadable message, or a message other than Stop, New chat or settings
                  while a reply streams: #chat-error alone (the reply goes on).
@@ -63,31 +66,23 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
 from flask import current_app, request
 from flask_sock import Sock
 
-from tanglebox.chat_request import (
-    ChatRequest,
-    RequestError,
-    parse_max_new_tokens,
-    parse_system_prompt,
-    parse_temperature,
-    parse_user_prompt,
-)
+from tanglebox.chat_request import ChatRequest, RequestError, parse_user_prompt
 from tanglebox.client_json import decode_json
 from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.runtime import Refused, Runtime, current_runtime
+from tanglebox.served_models import UnknownModel
 from tanglebox.web.socket_inbox import bounded_inbox, close
 from tanglebox.web.socket_writes import write_whole_frames
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
-    ChatSettings,
     Conversation,
     ReplyInProgress,
     Turn,
@@ -103,9 +98,9 @@ from tanglebox.web.ui_fragments import (
     messages_fragment,
     new_turn_fragment,
     reply_fragment,
-    settings_form_values,
     settings_fragment,
 )
+from tanglebox.web.ui_settings import field_error, read_settings_form, settings_form_values
 
 RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
 RENDER_CPU_SHARE = 0.03  # of one core, for re-rendering every streaming reply of this process
@@ -181,12 +176,6 @@ def parse_message(raw: Any) -> dict[str, Any]:
         raise Unreadable("The server could not read that message (expected a JSON object).")
     message.pop("HEADERS", None)
     return message
-
-
-def field_error(err: RequestError) -> str:
-    """``"temperature: must be …"`` as a sentence for a person: ``"Must be …."``."""
-    text = str(err).split(": ", 1)[-1]
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def request_error(err: RequestError) -> str:
@@ -281,33 +270,18 @@ class ChatSocket:
                   error_fragment(""))
 
     def apply_settings(self, message: dict[str, Any]) -> None:
-        """All three values valid: applied to this conversation; else nothing changes."""
+        """All values valid: applied to this conversation; else nothing changes."""
         if self.conversation.surface == WIDGET:
             self.send(error_fragment("The widget's settings are set by the server."))
             return
-        form = {key: message.get(key, "") for key in ("temperature", "maxNewTokens",
-                                                      "systemPrompt")}
-        limit = self.runtime.settings["maxNewTokensLimit"]
-        parsers = {"temperature": parse_temperature,
-                   "maxNewTokens": lambda value: parse_max_new_tokens(value, limit),
-                   "systemPrompt": parse_system_prompt}
-        parsed: dict[str, Any] = {}
-        errors: dict[str, str] = {}
-        for key, parse in parsers.items():
-            try:
-                parsed[key] = parse(form[key])
-            except RequestError as err:
-                errors[key] = field_error(err)
-        if errors:
-            shown = {key: value if isinstance(value, str) else json.dumps(value)
-                     for key, value in form.items()}
+        chosen, shown, errors = read_settings_form(self.runtime, message)
+        if chosen is None:
             self.send(settings_fragment(self.runtime, shown, errors,
                                         "Not applied: correct the marked field."))
             return
-        self.conversation.settings = ChatSettings(
-            parsed["temperature"], parsed["maxNewTokens"], parsed["systemPrompt"])
-        self.send(settings_fragment(self.runtime, settings_form_values(
-            self.conversation.settings), {}, "Applied to this conversation."))
+        self.conversation.settings = chosen
+        self.send(settings_fragment(self.runtime, settings_form_values(chosen), {},
+                                    "Applied to this conversation."))
 
     # -- streaming a reply -------------------------------------------------------------
 
@@ -323,10 +297,12 @@ class ChatSocket:
             return self.runtime.submit(ChatRequest(
                 messages=(*history, Message(USER, prompt)), system_prompt=chat.system_prompt,
                 temperature=chat.temperature, max_new_tokens=chat.max_new_tokens,
-                client_id=self.client_id))
+                client_id=self.client_id, model=chat.model or None))
         except Refused as refusal:
             self._refuse(refusal.message, draft)
-            return None
+        except UnknownModel as unknown:  # checked when applied (widgetModel: at start)
+            self._refuse(f"The model {unknown.name} is not served here any more.", draft)
+        return None
 
     def _stream(self, turn: Turn, previous: tuple[str, str] | None) -> None:
         """Relay the reply (fragments 2 and 3), watching the socket for Stop or New chat."""

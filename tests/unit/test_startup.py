@@ -25,6 +25,7 @@ def start(tmp_path, settings: dict | None, *args: str) -> subprocess.CompletedPr
     ({"colour": 1}, (), 'unknown setting "colour"'),
     ({"modelName": "missing.gguf"}, (), '"modelName" is missing.gguf, which does not exist'),
     ({"conversationTemplate": "alpaca"}, (), '"conversationTemplate" is "alpaca"'),
+    ({"widgetModel": "other"}, (), '"widgetModel" is "other", which is not a model served'),
     ({}, ("--device", "tpu"), '"device" must be one of'),
     ({}, ("--model-path", "nowhere/model.gguf"), "does not exist"),
     ({"device": "cuda", "backend": "llama.cpp"}, (), "built without GPU support"),
