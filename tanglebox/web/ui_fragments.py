@@ -19,7 +19,7 @@ from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream, OpenCode
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
 from tanglebox.web.ui_conversation import PAGE, WIDGET, Conversation, Turn
-from tanglebox.web.ui_settings import model_options, settings_form_values
+from tanglebox.web.ui_settings import model_options, settings_form_values, shown_model
 
 EMPTY_TITLES = {PAGE: "What can I help with?", WIDGET: "Ask a question to start."}
 
@@ -37,12 +37,13 @@ def render_turn(turn: Turn) -> RenderedTurn:
 
 def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
     """Everything the page and the partials need to render ``conversation``."""
+    model_name, device = shown_model(runtime, conversation.settings.model)
     return {
-        "model_name": runtime.model_name,
-        "device": runtime.device,
+        "model_name": model_name,
+        "device": device,
         "empty_title": EMPTY_TITLES[conversation.surface],
         "placeholder": ("Type your question…" if conversation.surface == WIDGET
-                        else f"Message {runtime.model_name}"),
+                        else f"Message {model_name}"),
         "max_new_tokens_limit": runtime.settings["maxNewTokensLimit"],
         "rendered_turns": [render_turn(turn) for turn in conversation.turns],
         "busy": conversation.busy,
@@ -60,6 +61,11 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
 def messages_fragment(runtime: Runtime, conversation: Conversation) -> str:
     """``#messages`` (outerHTML): the whole conversation, on connect and after New chat."""
     return render_template("_messages.html", oob=True, **ui_context(runtime, conversation))
+
+
+def model_chip_fragment(runtime: Runtime, conversation: Conversation) -> str:
+    """``#model-chip`` (outerHTML): the conversation's model in the page's header."""
+    return render_template("_model_chip.html", oob=True, **ui_context(runtime, conversation))
 
 
 def composer_fragment(runtime: Runtime, conversation: Conversation, draft: str = "",

@@ -62,6 +62,15 @@ def model_options(runtime: Runtime, chosen: str) -> list[ModelOption]:
                         status.id == selected) for status in runtime.model_statuses()]
 
 
+def shown_model(runtime: Runtime, chosen: str) -> tuple[str, str]:
+    """The model's name and where it runs, as the page shows them: the local backend's name and
+    device for the default model, else the chosen id and its kind ("remote")."""
+    if not chosen or chosen == runtime.default_model_id:
+        return runtime.model_name, runtime.device
+    kinds = {status.id: status.kind for status in runtime.model_statuses()}
+    return chosen, kinds.get(chosen, "")
+
+
 def settings_form_values(settings: ChatSettings) -> dict[str, str]:
     """The settings as the form shows them (the original parameter names)."""
     return {"model": settings.model,

@@ -54,8 +54,12 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
     new          #messages (empty), #composer, #chat-error (empty); while a reply streams, the
                  reply is stopped first (no step 3)
     settings     #settings-form (saved; or the bad fields named, and nothing changed, a
-                 model not served here included); while a reply streams they apply from the
-                 next reply on, the model too (``ChatRequest.model``)
+                 model not served here included). A new model chosen: also #model-chip,
+                 #composer (its placeholder; the draft kept, as on connect) and, while the
+                 conversation is empty, #messages (its welcome): each names the model. While a
+                 reply streams they apply from the next reply on, the model too
+                 (``ChatRequest.model``). A page keeps its chip across a reconnect (a new page
+                 is a new conversation), so connect sends none.
     refused      #chat-error (why), #composer (enabled, the person's text put back):
                  bad input, maintenance, model loading, queue full, a reply already being
                  written, a model no longer served. An engine error after step 1 first removes the turn
@@ -96,6 +100,7 @@ from tanglebox.web.ui_fragments import (
     delete_fragment,
     error_fragment,
     messages_fragment,
+    model_chip_fragment,
     new_turn_fragment,
     reply_fragment,
     settings_fragment,
@@ -279,9 +284,16 @@ class ChatSocket:
             self.send(settings_fragment(self.runtime, shown, errors,
                                         "Not applied: correct the marked field."))
             return
+        previous_model = self.conversation.settings.model
         self.conversation.settings = chosen
-        self.send(settings_fragment(self.runtime, settings_form_values(chosen), {},
-                                    "Applied to this conversation."))
+        fragments = [settings_fragment(self.runtime, settings_form_values(chosen), {},
+                                       "Applied to this conversation.")]
+        if chosen.model != previous_model:  # where the page names the model
+            fragments += [model_chip_fragment(self.runtime, self.conversation),
+                          composer_fragment(self.runtime, self.conversation, keep_draft=True)]
+            if not self.conversation.turns:
+                fragments.append(messages_fragment(self.runtime, self.conversation))
+        self.send(*fragments)
 
     # -- streaming a reply -------------------------------------------------------------
 

@@ -120,6 +120,15 @@ def test_a_chosen_model_writes_the_next_reply_and_the_choice_is_kept(served):
     assert settings_form(client.reconnect_sync).chosen == SECOND  # kept in the conversation
 
 
+def test_the_page_names_the_model_chosen(served):
+    client = talk(served, PAGE, settings_message(model=SECOND), settings_message(model=SECOND))
+    _, applied, again = client.sent
+    assert Form(applied).texts["model-chip"] == SECOND  # the header
+    assert f'placeholder="Message {SECOND}"' in applied  # the composer
+    assert f"Replies stream from <strong>{SECOND}</strong>" in applied  # the empty chat
+    assert 'id="model-chip"' not in again  # the same model again: nothing else to update
+
+
 def test_choosing_the_default_again_goes_back_to_it(served):
     client = talk(served, PAGE, settings_message(model=SECOND),
                   settings_message(model=DEFAULT), {"userPrompt": WHO})
