@@ -11,16 +11,18 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from simple_websocket import ConnectionClosed
 
 from tanglebox.model_location import check_widget_model
 from tanglebox.settings import Settings, SettingsError, defaults, load_settings
 from tanglebox.web import create_app
-from tanglebox.web.ui_conversation import PAGE, WIDGET
+from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation
+from tanglebox.web.ui_socket import ChatSocket
 from tests.conftest import write_settings
 from tests.extra_models import serve_models
 from tests.fake_backend import FakeBackend
 from tests.reply_page import ReplyPage
-from tests.unit.test_ui_conversation import talk
+from tests.unit.test_ui_conversation import ScriptedClient, talk
 
 WHO = "who are you?"
 SECOND, GONE = "second-model", "gone-model"
@@ -127,6 +129,39 @@ def test_the_page_names_the_model_chosen(served):
     assert f'placeholder="Message {SECOND}"' in applied  # the composer
     assert f"Replies stream from <strong>{SECOND}</strong>" in applied  # the empty chat
     assert 'id="model-chip"' not in again  # the same model again: nothing else to update
+
+
+class MidReplyClient(ScriptedClient):
+    """A ScriptedClient whose ``during`` message arrives while the first reply streams."""
+
+    def __init__(self, *messages: dict, during: dict) -> None:
+        super().__init__(*messages)
+        self.input_buffer = ScriptedClient(during).incoming
+
+    def receive(self, timeout=None):
+        if timeout == 0:
+            return self.input_buffer.pop(0) if self.input_buffer else None
+        return super().receive(timeout)
+
+
+def test_a_model_chosen_while_a_reply_streams_writes_the_next_one(served):
+    runtime = served.extensions["tanglebox"]
+    client = MidReplyClient({"userPrompt": "count 30"}, {"userPrompt": WHO},
+                            during=settings_message(model=SECOND))
+    with served.test_request_context("/ws/chat"), pytest.raises(ConnectionClosed):
+        ChatSocket(client, runtime, new_conversation("m" * 22, PAGE, runtime.settings),
+                   "test").run()
+    assert settings_form(client.sent).chosen == SECOND
+    first = [m for m in client.sent if "turn-2" not in m]
+    assert ReplyPage(1).apply_all(first).text() == " ".join(str(i) for i in range(1, 31))
+    assert ReplyPage(2).apply_all(client.sent).text() == "I am the second model."
+
+
+def test_a_chosen_model_that_goes_down_stays_chosen_and_shown_with_its_state(served):
+    form = settings_form(talk(served, PAGE, settings_message(model=GONE)).sent)
+    [gone] = [option for option in form.options if option["value"] == GONE]
+    assert gone == {"value": GONE, "label": f"{GONE} (unavailable)", "selected": True,
+                    "disabled": False}  # a disabled option would leave the form
 
 
 def test_choosing_the_default_again_goes_back_to_it(served):
