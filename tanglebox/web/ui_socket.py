@@ -62,8 +62,9 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  is a new conversation), so connect sends none.
     refused      #chat-error (why), #composer (enabled, the person's text put back):
                  bad input, maintenance, model loading, queue full, a reply already being
-                 written, a model no longer served. An engine error after step 1 first removes the turn
-                 (div#turn-N hx-swap-oob="delete"), or for regenerate restores the old reply.
+                 written, a model no longer served. An engine error after step 1 first
+                 removes the turn (div#turn-N hx-swap-oob="delete"), or for regenerate
+                 restores the old reply.
                  An unreadable message, or a message other than Stop, New chat or settings
                  while a reply streams: #chat-error alone (the reply goes on).
 """
