@@ -2,7 +2,8 @@
 system prompt.
 
 The panel is a form (``templates/_settings.html``) that htmx sends over the UI socket as
-``{"action": "settings", "model": …, "temperature": …, "maxNewTokens": …, "systemPrompt": …}``.
+``{"action": "settings", "model": …, "temperature": …, "maxNewTokens": …,
+"systemPrompt": …}``.
 :func:`read_settings_form` checks every field once, with the rules every surface shares
 (``chat_request.py``) and the model against the served ids (``runtime.model_ids()``): all
 valid, a new :class:`ChatSettings` that the socket applies from the next reply on; else the
