@@ -34,7 +34,9 @@ class ExtraModelsRuntime(Runtime):
     def model_statuses(self) -> list[ModelStatus]:
         down = [ModelStatus(name, "remote", ModelState.UNAVAILABLE, "a test's model, never up",
                             0, 0, 1, 0, 0) for name in self.unavailable]
-        return [*super().model_statuses(),
+        # Runtime's statuses follow model_ids(), this class's: its own models come first.
+        own = super().model_statuses()[:len(Runtime.model_ids(self))]
+        return [*own,
                 *(replace(runtime.model_statuses()[0], id=name)
                   for name, runtime in self.extra.items()), *down]
 
