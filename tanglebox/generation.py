@@ -13,6 +13,9 @@ frees its slot there. Events cross from the engine's thread through a
 ``handoff.EventChannel``.
 
 How a reply that ended early is explained to a person is written once too: ``ENDED_EARLY``.
+
+Every event a reply emits, on every surface, passes ``_emit``: there a ``watcher``
+(``tanglebox.metrics``) is told of it, on the emitting thread.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest
@@ -110,6 +113,12 @@ ENDED_EARLY = {
 }
 
 
+class Watcher(Protocol):
+    """Told of each event as it is emitted (on the engine's thread: it must never wait)."""
+
+    def emitted(self, generation: "Generation", event: Event) -> None: ...
+
+
 class Generation:
     """One reply being generated: read its ``events()``, or ``cancel()`` it."""
 
@@ -122,6 +131,11 @@ class Generation:
         self._finished = False
         # Set by an engine that can stop a reply at once (a remote one closes its stream).
         self._on_cancel: Callable[[], None] | None = None
+        self.watcher: Watcher | None = None  # set after submit: see ``final_emitted``
+        # When the first Delta and the final event were emitted (which may be before a
+        # watcher was set, so a watcher reads them here too).
+        self.first_delta_at: float | None = None
+        self.final_emitted: Done | Error | None = None
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread before its next step
@@ -167,7 +181,15 @@ class Generation:
     # -- the engine's side ---------------------------------------------------------------
 
     def _emit(self, event: Event, wake: bool = True) -> None:
-        self._channel.put(event, final=isinstance(event, (Done, Error)), wake=wake)
+        final = isinstance(event, (Done, Error))
+        if final:
+            self.final_emitted = event  # before the watcher is read: see metrics.ReplyMetrics.watch
+        elif self.first_delta_at is None:
+            self.first_delta_at = time.monotonic()
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.emitted(self, event)
+        self._channel.put(event, final=final, wake=wake)
 
     def _wake(self) -> None:
         self._channel.wake()

@@ -36,6 +36,7 @@ from tanglebox.chat_request import ChatRequest, Limits
 from tanglebox.client_json import RequestError, shown
 from tanglebox.engine import ClientQueueFull, Engine, EngineStopped, QueueFull
 from tanglebox.generation import SHUTTING_DOWN, Generation
+from tanglebox.metrics import ReplyMetrics
 from tanglebox.model_location import model_id
 from tanglebox.remote_engine import EndpointUnavailable, RemoteEngine, unavailable_message
 from tanglebox.served_models import (LOCAL, ModelEngine, ModelState, ModelStatus,
@@ -98,6 +99,7 @@ class Runtime:
     load_error: str = ""
     started_at: float = field(default_factory=time.time)  # the OpenAI API's model "created"
     remotes: dict[str, RemoteEngine] = field(default_factory=dict)  # by model id
+    metrics: ReplyMetrics = field(default_factory=ReplyMetrics, repr=False)  # its replies
     _embedder: Embedder | None = field(default=None, init=False, repr=False)
     _embedder_lock: Any = field(default_factory=handoff.native_lock, init=False, repr=False)
 
@@ -186,12 +188,19 @@ class Runtime:
     def check_open(self, model: str | None = None) -> None:
         """Raise Refused unless the server takes work for ``model`` (an id; None: the
         default) now: in maintenance mode, while the model loads, when it failed to load,
-        when a remote model's endpoint does not answer."""
+        when a remote model's endpoint does not answer. Each refusal is counted
+        (``/metrics``)."""
+        try:
+            self._check_open(model or self.default_model_id)
+        except Refused as refused:
+            self.metrics.refused(model or self.default_model_id, refused.reason)
+            raise
+
+    def _check_open(self, model: str) -> None:
         settings = self.settings
         if settings["maintenanceMode"]:
             raise Refused(Refusal.MAINTENANCE, settings["maintenanceMessage"],
                           MAINTENANCE_RETRY_AFTER)
-        model = model or self.default_model_id
         remote = self.remotes.get(model)
         if remote is not None:
             if remote.state == ModelState.UNAVAILABLE:
@@ -207,9 +216,18 @@ class Runtime:
 
     def submit(self, request: ChatRequest) -> Generation:
         """Queue ``request`` on its model's engine, or raise Refused at once (never a wait);
-        UnknownModel for a model nobody serves."""
+        UnknownModel for a model nobody serves. Each reply and refusal is counted."""
         model = self.resolve_model(request.model)
         self.check_open(model)
+        try:
+            generation = self._queue(model, request)
+        except Refused as refused:
+            self.metrics.refused(model, refused.reason)
+            raise
+        self.metrics.watch(generation, model)  # counted on the surface it came in by
+        return generation
+
+    def _queue(self, model: str, request: ChatRequest) -> Generation:
         engine: ModelEngine = self.remotes.get(model) or self.engine
         try:
             return engine.submit(request)

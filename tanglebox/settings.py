@@ -12,6 +12,7 @@ is decoded by :func:`parse_json`, so a file of any bytes is either settings or t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -166,6 +167,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("requestReadTimeoutSeconds", 30, (int, float),
             "A request body that has not fully arrived after this long is answered 408.",
             minimum=1),
+    Setting("enableMetrics", True, bool,
+            "Serve Prometheus metrics at `/metrics` (README: Monitoring); who may read them: "
+            "`metricsAllowedAddresses`, or an API token when tokens are required."),
+    Setting("metricsAllowedAddresses", [], list,
+            "Addresses or networks (`127.0.0.1`, `10.0.0.0/8`) that may read `/metrics` without "
+            "a token; when tokens are not required and this is not empty, only these may."),
+    Setting("logFormat", "text", str,
+            "`text`, or `json`: every log line (access and errors, the server's and gunicorn's) "
+            "one JSON object.", choices=("text", "json")),
     Setting("sslCertFile", "", str, "PEM certificate for `useSsl`."),
     Setting("sslKeyFile", "", str, "PEM private key for `useSsl`."),
     Setting("widgetAllowedOrigins", [], list,
@@ -345,6 +355,13 @@ def _check_combinations(settings: Settings) -> None:
     if v["useSsl"] and not (v["sslCertFile"] and v["sslKeyFile"]):
         raise SettingsError(f"{where}: \"useSsl\" needs \"sslCertFile\" and \"sslKeyFile\" "
                             "(PEM files, relative to settings.json)")
+    for entry in v["metricsAllowedAddresses"]:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise SettingsError(f"{where}: \"metricsAllowedAddresses\" entries must be IP "
+                                f"addresses or networks like 10.0.0.0/8; got {_shown(entry)}") \
+                from None
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
             if not ORIGIN.fullmatch(origin):

@@ -6,6 +6,7 @@
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
 - ``openai_api``: the OpenAI-compatible API under ``/v1`` (its errors in OpenAI's shape)
+- ``metrics_route``: Prometheus metrics at ``/metrics``, and every request counted
 
 In front of the app, ``connection_limits.ConnectionGuard`` caps the connections per client
 address and in total, and reads request bodies within a deadline.
@@ -54,7 +55,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)
 
-    from tanglebox.web import api, openai_api, original_socket, pages, signin, ui_socket
+    from tanglebox.web import (api, metrics_route, openai_api, original_socket, pages, signin,
+                               ui_socket)
     from tanglebox.web.openai_wire import OpenAIError
     app.register_error_handler(OpenAIError, openai_api.openai_error)
     signin.init_app(app)
@@ -64,6 +66,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.register_blueprint(openai_api.blueprint)
     original_socket.register(sock)
     ui_socket.register(sock)
+    metrics_route.init_app(app)
     return app
 
 
