@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tanglebox.json_logging import announce
 from tanglebox.listener import check_listener
 from tanglebox.self_check import run_self_check
 from tanglebox.serving import TangleboxServer, WORKER_BOOT_ERROR, preflight
@@ -47,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         location = preflight(settings)
         check_listener(settings)
         if settings.created:
-            print(f"tanglebox: wrote {args.settings} with the default settings", file=sys.stderr)
+            announce(settings, f"wrote {args.settings} with the default settings")
         elif settings.filled_in:
-            print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
-                  f"{', '.join(settings.filled_in)}", file=sys.stderr)
+            announce(settings, f"{args.settings}: added missing settings with their defaults: "
+                               f"{', '.join(settings.filled_in)}")
         if location is not None and location.backend == "llama.cpp":
-            print(f"tanglebox: {run_self_check(args.settings, overrides_from(args))}",
-                  file=sys.stderr, flush=True)
+            announce(settings, run_self_check(args.settings, overrides_from(args)))
     except SettingsError as err:
         print(f"tanglebox: error: {err}", file=sys.stderr)
         return USAGE_ERROR
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     host = "localhost" if settings["host"] in ("0.0.0.0", "::", "127.0.0.1") else settings["host"]
     served = ", ".join(([f"{location.path.name} ({location.backend})"] if location else [])
                        + [f"{e['name']} (remote)" for e in settings["remoteEndpoints"]])
-    print(f"tanglebox: serving {served} at {scheme}://{host}:{settings['port']}",
-          file=sys.stderr, flush=True)
+    announce(settings, f"serving {served} at {scheme}://{host}:{settings['port']}")
     try:
         TangleboxServer(settings, location).run()
     except SystemExit as exit_:

@@ -22,7 +22,7 @@ from tanglebox import handoff
 from tanglebox.api_tokens import TokenFileError, read_token_text
 from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine, engine_from_settings
-from tanglebox.gunicorn_logging import ScrubbingLogger
+from tanglebox.json_logging import announce, gunicorn_logger_class, json_handler
 from tanglebox.listener import tls_context_or_stop
 from tanglebox.model_location import ModelLocation, check_widget_model, locate_model, model_id
 from tanglebox.prompting import template_names
@@ -122,7 +122,11 @@ def start_remotes(runtime: Runtime) -> None:
 
 def configure_logging(settings: Settings) -> None:
     level = logging.DEBUG if settings["enableModelDebugOutput"] else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings["logFormat"] == "json":
+        logging.basicConfig(level=level, handlers=[json_handler()])
+    else:
+        logging.basicConfig(level=level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 class TangleboxServer(BaseApplication):
@@ -147,7 +151,8 @@ class TangleboxServer(BaseApplication):
             "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
             "timeout": 120,
             "loglevel": "warning",
-            "logger_class": ScrubbingLogger,  # no query string (no token) in the error log
+            # No query string (no token) in the error log; JSON lines with logFormat json.
+            "logger_class": gunicorn_logger_class(s),
             "accesslog": "-" if s["enableWebLogOutput"] else None,
             "access_log_format": ACCESS_LOG_FORMAT,
             "post_fork": self.crashes.post_fork,
@@ -249,7 +254,7 @@ def production_app():
         settings = load_settings(settings_path)
         location = preflight(settings)
         if location is not None and location.backend == "llama.cpp":
-            print(f"tanglebox: {run_self_check(settings_path, {})}", file=sys.stderr, flush=True)
+            announce(settings, run_self_check(settings_path, {}))
     except SettingsError as err:
         print(f"tanglebox: error: {err}", file=sys.stderr, flush=True)
         os._exit(WORKER_BOOT_ERROR)  # the master halts instead of restarting the worker
