@@ -56,13 +56,17 @@ def test_the_gunicorn_command_writes_neither_log_with_a_query_string(capsys):
     assert cfg.access_log_format == ACCESS_LOG_FORMAT and "%(U)s" in ACCESS_LOG_FORMAT
     assert not any(atom in ACCESS_LOG_FORMAT for atom in ("%(r)s", "%(q)s", "%({"))
 
-    logger = cfg.logger_class(cfg)
+    log_a_token_in_every_way(cfg.logger_class(cfg))
+    log = capsys.readouterr().err
+    assert "Invalid request from ip=127.0.0.1" in log and "ValueError" in log
+    assert SECRET not in log
+
+
+def log_a_token_in_every_way(logger) -> None:
+    """A warning and a traceback, as gunicorn writes them, each with SECRET in a query."""
     logger.warning("Invalid request from ip=%s: %s", "127.0.0.1",
                    f"Invalid HTTP request line: 'GET /?token={SECRET}\\x01 HTTP/1.1'")
     try:
         raise ValueError(f"while reading /conversation?token={SECRET}")
     except ValueError:
         logger.exception("Error handling request /conversation?token=%s", SECRET)
-    log = capsys.readouterr().err
-    assert "Invalid request from ip=127.0.0.1" in log and "ValueError" in log
-    assert SECRET not in log

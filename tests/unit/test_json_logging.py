@@ -11,17 +11,11 @@ from tanglebox import gunicorn_conf
 from tanglebox.gunicorn_logging import ScrubbingLogger
 from tanglebox.json_logging import JsonFormatter, JsonGunicornLogger
 from tests.conftest import write_settings
-from tests.unit.test_gunicorn_logging import SECRET, GunicornCommand
+from tests.unit.test_gunicorn_logging import SECRET, GunicornCommand, log_a_token_in_every_way
 
 
 def test_gunicorns_error_lines_are_json_objects_without_a_token(capsys):
-    logger = JsonGunicornLogger(GunicornCommand().cfg)
-    logger.warning("Invalid request from ip=%s: %s", "127.0.0.1",
-                   f"Invalid HTTP request line: 'GET /?token={SECRET}\\x01 HTTP/1.1'")
-    try:
-        raise ValueError(f"while reading /conversation?token={SECRET}")
-    except ValueError:
-        logger.exception("Error handling request /conversation?token=%s", SECRET)
+    log_a_token_in_every_way(JsonGunicornLogger(GunicornCommand().cfg))
     lines = capsys.readouterr().err.splitlines()
     entries = [json.loads(line) for line in lines]
     assert [(e["level"], e["logger"]) for e in entries] == [("WARNING", "gunicorn.error"),

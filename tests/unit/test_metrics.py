@@ -40,6 +40,16 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def assert_counted_once(samples: dict, surfaces: tuple[str, ...], outcome: str,
+                        status: str) -> None:
+    """One reply with ``outcome`` and one HTTP request with ``status`` on each surface."""
+    for surface in surfaces:
+        assert value(samples, "tanglebox_replies_total", surface=surface, model=MODEL,
+                     outcome=outcome) == 1
+        assert value(samples, "tanglebox_http_requests_total", surface=surface, model=MODEL,
+                     status=status) == 1
+
+
 def test_a_rest_and_an_openai_reply_are_counted_by_surface_and_model(client):
     rest = client.get("/conversation?userPrompt=echo+Hello+there",
                       headers={"Accept": "application/json"}).get_json()
@@ -47,11 +57,7 @@ def test_a_rest_and_an_openai_reply_are_counted_by_surface_and_model(client):
         "model": MODEL, "messages": [{"role": "user", "content": "echo Paris"}]}).get_json()
 
     samples = scrape(client)
-    for surface in ("rest", "openai"):
-        assert value(samples, "tanglebox_replies_total", surface=surface, model=MODEL,
-                     outcome="stop") == 1
-        assert value(samples, "tanglebox_http_requests_total", surface=surface, model=MODEL,
-                     status="200") == 1
+    assert_counted_once(samples, ("rest", "openai"), outcome="stop", status="200")
     assert value(samples, "tanglebox_prompt_tokens_total", surface="rest", model=MODEL) == \
         rest["usage"]["promptTokens"]
     assert value(samples, "tanglebox_completion_tokens_total", surface="rest", model=MODEL) == \
@@ -71,11 +77,7 @@ def test_a_prompt_refused_by_its_size_at_submit_is_counted_once(client):
     prompt = "x" * (4096 * 64 + 1)
     response = client.post("/conversation", json={"userPrompt": prompt})
     assert response.status_code == 400
-    samples = scrape(client)
-    assert value(samples, "tanglebox_replies_total", surface="rest", model=MODEL,
-                 outcome="prompt_too_long") == 1
-    assert value(samples, "tanglebox_http_requests_total", surface="rest", model=MODEL,
-                 status="400") == 1
+    assert_counted_once(scrape(client), ("rest",), outcome="prompt_too_long", status="400")
 
 
 @pytest.mark.parametrize("settings_values", [served(maintenanceMode=True)])
@@ -83,12 +85,7 @@ def test_a_refusal_is_counted_with_its_reason_and_status(client):
     assert client.get("/conversation?userPrompt=hi").status_code == 503
     assert client.post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).status_code == 503
-    samples = scrape(client)
-    for surface in ("rest", "openai"):
-        assert value(samples, "tanglebox_replies_total", surface=surface, model=MODEL,
-                     outcome="maintenance") == 1
-        assert value(samples, "tanglebox_http_requests_total", surface=surface, model=MODEL,
-                     status="503") == 1
+    assert_counted_once(scrape(client), ("rest", "openai"), outcome="maintenance", status="503")
 
 
 def test_each_models_load_and_state_come_from_model_statuses(app, client, monkeypatch):
