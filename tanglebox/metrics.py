@@ -2,12 +2,13 @@
 
 Where each number comes from::
 
-    Runtime.check_open / submit ─ refused ──► ReplyMetrics.refused      replies_total{outcome=<reason>}
-    Runtime.submit ── Generation ──► ReplyMetrics.watch: generation.watcher = it
-    Generation._emit (engine thread) ──► emitted(): a gap between Deltas (inter-token latency);
-                                         the final Done/Error: outcome, tokens, time to first token
-    the app's after_request ──► http_requests_total{surface, model, status} (web/metrics_route.py)
-    a scrape ──► ModelCollector reads runtime.model_statuses(): busy, waiting, slots, state, ...
+    Runtime.check_open / submit, refused ──► ReplyMetrics.refused: replies{outcome=<reason>}
+    Runtime.submit, a Generation ──► ReplyMetrics.watch: generation.watcher = a _Watch
+    Generation._emit (engine thread) ──► _Watch.emitted: a gap between Deltas (inter-token
+                                         latency); the final Done/Error: outcome, tokens,
+                                         time to first token
+    the app's after_request ──► http_requests{surface, model, status} (web/metrics_route.py)
+    a scrape ──► ModelCollector reads runtime.model_statuses(): busy, waiting, slots, state...
 
 The surface is read from the Flask request a reply was submitted in (its path), so no adapter
 names itself. The engine's thread never calls ``prometheus_client``: once gevent has patched
@@ -91,8 +92,9 @@ class Histogram:
 class ReplyTotals:
     """Everything counted so far; a copy is what a scrape reads."""
 
-    replies: dict[tuple[str, str, str], int] = field(default_factory=dict)  # surface, model, outcome
-    prompt_tokens: dict[tuple[str, str], int] = field(default_factory=dict)  # surface, model
+    # by (surface, model, outcome), and the tokens by (surface, model)
+    replies: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    prompt_tokens: dict[tuple[str, str], int] = field(default_factory=dict)
     completion_tokens: dict[tuple[str, str], int] = field(default_factory=dict)
     first_token: dict[str, Histogram] = field(default_factory=dict)  # by model
     inter_token: dict[str, Histogram] = field(default_factory=dict)

@@ -49,12 +49,14 @@ def test_every_line_is_one_json_object_without_a_token(fake_server, tmp_path):
     entries = [json.loads(line) for line in lines]  # each line, one object
     assert all(isinstance(e, dict) and {"time", "level", "logger", "message"} <= set(e)
                for e in entries)
-    assert [e["level"] for e in entries if "Invalid request" in e["message"]] == ["WARNING"]
+    unparsable = [e["level"] for e in entries if "Invalid request" in e["message"]]
+    assert unparsable == ["WARNING"]
     access = [e for e in entries if e["logger"] == "gunicorn.access"]
     assert [(e["method"], e["path"], e["status"], e["surface"], e["model"])
-            for e in access if e["path"] == "/conversation"] == [("GET", "/conversation", 200, "rest", MODEL),
-                                      ("GET", "/conversation", 200, "rest", MODEL),
-                                      ("GET", "/conversation", 401, "rest", "")]
+            for e in access if e["path"] == "/conversation"] == [
+        ("GET", "/conversation", 200, "rest", MODEL),
+        ("GET", "/conversation", 200, "rest", MODEL),
+        ("GET", "/conversation", 401, "rest", "")]
     assert all(isinstance(e["duration_ms"], float) and e["remote_addr"] == "127.0.0.1"
                for e in access)
     text = "\n".join(lines)
