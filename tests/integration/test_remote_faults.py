@@ -1,0 +1,273 @@
+"""Remote engines when the upstream misbehaves (issue 16, item 4), through a live front server
+(gunicorn + gevent) with real clients on each surface the fault concerns.
+
+One front serves four endpoints, each a fake upstream (``tests/upstreams.py``) in this process:
+``flaky`` (the default model; it answers whatever ``Cue`` a test sets), ``slow`` (a 1 s
+``timeoutSeconds``), ``locked`` (it wants a key the front does not have) and ``down`` (nothing
+listens on its port until a test starts the fake there). The promises: a fault ends a reply
+with the text so far and a clear error on every surface, never a hang; an upstream error is a
+502 that says what happened; a key the upstream refuses is the operator's news (log, /health),
+never shown to users and never written anywhere; a client that goes away closes the upstream
+stream; a down endpoint comes back by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import closing
+
+import openai
+import pytest
+import requests
+
+from bench.servers import free_port
+from tests.integration.test_concurrency import original_socket, within
+from tests.integration.test_ui_socket import ChatClient, element, shown_reply, shown_text
+from tests.live_server import LiveServer, wait_until
+from tests.upstreams import FAKE_REPLY, Cue, endpoint, fake_upstream, front_server
+
+WRONG_KEY = "tbx-wrong-key-1a2b3c4d5e6f7a8b"
+RIGHT_KEY = "tbx-right-key-9f8e7d6c5b4a3f2e"
+KEY_VARIABLE = "TBX_TEST_LOCKED_KEY"
+CUT_AFTER = 3  # words the killed upstream streams before it dies
+SO_FAR = " ".join(FAKE_REPLY.split(" ")[:CUT_AFTER])
+NO_HANG = 30.0  # seconds: a reply still open after this is a hang
+QUESTION = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    down_port = free_port()  # reserved for the fake a test starts later
+    with fake_upstream() as flaky, fake_upstream() as slow, \
+            fake_upstream(key=RIGHT_KEY) as locked:
+        yield {"flaky": flaky, "slow": slow, "locked": locked, "down_port": down_port}
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory, fakes):
+    endpoints = [endpoint("flaky", fakes["flaky"].url, timeoutSeconds=30),
+                 endpoint("slow", fakes["slow"].url, timeoutSeconds=1),
+                 endpoint("locked", fakes["locked"].url, apiKeyEnv=KEY_VARIABLE),
+                 endpoint("down", f"http://127.0.0.1:{fakes['down_port']}")]
+    with front_server(tmp_path_factory.mktemp("front"), endpoints,
+                      env={KEY_VARIABLE: WRONG_KEY}) as server:
+        yield server
+    assert "Traceback" not in server.log()
+    assert WRONG_KEY not in server.log()
+
+
+@pytest.fixture
+def flaky(fakes):
+    fake = fakes["flaky"]
+    fake.reset()
+    yield fake
+    fake.release()
+
+
+def sdk(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=NO_HANG)
+
+
+def rest(server: LiveServer, model: str, accept: str = "application/json",
+         **params) -> requests.Response:
+    return requests.post(server.url + "/conversation", timeout=NO_HANG,
+                         headers={"Accept": accept},
+                         json={"userPrompt": "hello", "model": model, **params})
+
+
+def model_health(server: LiveServer, model_id: str) -> dict:
+    return next(m for m in server.health()["models"] if m["id"] == model_id)
+
+
+def error_message(reply: requests.Response) -> str:
+    body = reply.json()
+    return body["error"]["message"] if isinstance(body.get("error"), dict) else body["error"]
+
+
+# -- down at start, back by itself -----------------------------------------------------------
+
+def test_an_upstream_down_at_start_is_unavailable_and_comes_back_by_itself(front, fakes, flaky):
+    status = model_health(front, "down")
+    assert status["state"] == "unavailable" and "refused" in status["detail"]
+    refused = rest(front, "down")
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert "down is unavailable" in refused.text
+    with pytest.raises(openai.APIStatusError) as api_refusal:
+        sdk(front).chat.completions.create(model="down", messages=QUESTION)
+    assert api_refusal.value.status_code == 503 and "unavailable" in api_refusal.value.message
+    # The rest of the server works meanwhile.
+    assert rest(front, "flaky").json()["response"] == FAKE_REPLY
+
+    with fake_upstream(port=fakes["down_port"]):
+        wait_until(lambda: model_health(front, "down")["state"] == "ready", NO_HANG,
+                   "the endpoint that came up shows ready")
+        reply = sdk(front).chat.completions.create(model="down", messages=QUESTION)
+        assert reply.choices[0].message.content == FAKE_REPLY
+
+
+# -- killed mid-reply: the text so far, then a clear error, on every surface ----------------
+
+def test_killed_mid_reply_a_plain_text_stream_ends_without_its_final_chunk(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+
+    def read() -> str:
+        received = b""
+        with rest(front, "flaky", "text/plain", shouldStreamResponse=True) as reply:
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                for chunk in reply.iter_content(chunk_size=None):
+                    received += chunk
+        return received.decode()
+    assert within(NO_HANG, read) == SO_FAR
+
+
+def test_killed_mid_reply_server_sent_events_end_with_an_error_event(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+    reply = within(NO_HANG, lambda: rest(front, "flaky", "text/event-stream"))
+    events, name = [], None
+    for line in reply.text.splitlines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+    assert "".join(data["text"] for name, data in events if name == "delta") == SO_FAR
+    assert events[-1][0] == "error" and "middle of the reply" in events[-1][1]["message"]
+
+
+def test_killed_mid_reply_a_whole_rest_reply_is_a_502(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+    reply = within(NO_HANG, lambda: rest(front, "flaky"))
+    assert reply.status_code == 502 and "incomplete" in reply.text
+
+
+def test_killed_mid_reply_the_original_socket_shows_the_text_so_far_and_an_error(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+    with closing(original_socket(front)) as ws:
+        ws.send("hello")
+        messages = within(NO_HANG, lambda: receive_until_fin(ws))
+    assert messages[0] == "#a-c-k#" and messages[-1] == "#f-i-n#"
+    assert "".join(messages[1:-2]) == SO_FAR
+    assert messages[-2].startswith("Error: ") and "middle of the reply" in messages[-2]
+
+
+def receive_until_fin(ws) -> list[str]:
+    messages = [ws.recv()]
+    while messages[-1] != "#f-i-n#":
+        messages.append(ws.recv())
+    return messages
+
+
+def test_killed_mid_reply_the_chat_page_keeps_the_text_so_far_and_says_why(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+    with closing(ChatClient(front)) as page:
+        fragments = within(NO_HANG, lambda: page.ask("hello"))
+    assert shown_text(fragments) == SO_FAR
+    errors = [element(f, "chat-error").text() for f in fragments if 'id="chat-error"' in f]
+    # Said under the reply (its note) or in the error line under the conversation.
+    assert "middle of the reply" in " ".join([shown_reply(fragments).text(), *errors])
+
+
+def test_killed_mid_reply_an_openai_stream_raises_after_the_text_so_far(front, flaky):
+    flaky.cue = Cue(cut_after=CUT_AFTER)
+    received = []
+
+    def read() -> None:
+        with pytest.raises(openai.APIError) as cut:
+            for chunk in sdk(front).chat.completions.create(model="flaky", messages=QUESTION,
+                                                            stream=True):
+                received.append(chunk.choices[0].delta.content or "")
+        return cut.value
+    error = within(NO_HANG, read)
+    assert "".join(received) == SO_FAR
+    assert "middle of the reply" in str(error)
+
+
+# -- slow, failing and garbled upstreams -----------------------------------------------------
+
+def test_an_upstream_that_does_not_answer_times_out(front, fakes):
+    fakes["slow"].reset(Cue(hold=True))
+    reply = within(NO_HANG, lambda: rest(front, "slow"))
+    assert reply.status_code in (502, 503, 504), reply.text
+    assert "slow" in error_message(reply)
+    with pytest.raises(openai.APIStatusError) as api_error:
+        within(NO_HANG, lambda: sdk(front).chat.completions.create(model="slow",
+                                                                  messages=QUESTION))
+    assert api_error.value.status_code in (502, 503, 504)
+    assert "no answer in time" in front.log() or "no data from the upstream" in front.log()
+    fakes["slow"].release()
+
+
+@pytest.mark.parametrize("cue, says", [
+    (Cue(status=500), "HTTP 500"),
+    (Cue(status=400), "HTTP 400"),
+    (Cue(body=b"<html>Bad Gateway</html>", content_type="text/html"), "could not be read"),
+    (Cue(body=b'data: {"choices": [{"delta": \n\n', content_type="text/event-stream"),
+     "could not be read"),
+], ids=["500", "400", "not-json", "malformed-json-in-the-stream"])
+def test_an_upstream_error_or_garbled_answer_is_a_502_that_says_so(front, flaky, cue, says):
+    flaky.cue = cue
+    reply = rest(front, "flaky")
+    assert reply.status_code == 502 and says in error_message(reply)
+    with pytest.raises(openai.APIStatusError) as api_error:
+        sdk(front).chat.completions.create(model="flaky", messages=QUESTION)
+    assert api_error.value.status_code == 502 and says in api_error.value.message
+    assert "Traceback" not in front.log()
+    flaky.reset()  # and the endpoint still serves
+    assert rest(front, "flaky").json()["response"] == FAKE_REPLY
+
+
+# -- a wrong key -----------------------------------------------------------------------------
+
+def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
+    status = wait_until(lambda: (s := model_health(front, "locked"))["state"] != "loading"
+                        and s, NO_HANG, "the first check of the endpoint")
+    assert status["state"] == "unavailable"
+    assert "401" in status["detail"] and KEY_VARIABLE in status["detail"]
+    assert fakes["locked"].wrong_keys > 0  # the front sent its key, and it was refused
+    answers = [rest(front, "locked"), rest(front, "locked", "text/plain"),
+               requests.get(front.url + "/health", timeout=NO_HANG),
+               requests.get(front.url + "/v1/models", timeout=NO_HANG)]
+    assert answers[0].status_code == 503 and "locked is unavailable" in answers[0].text
+    with pytest.raises(openai.APIStatusError) as api_refusal:
+        sdk(front).chat.completions.create(model="locked", messages=QUESTION)
+    assert "unavailable" in api_refusal.value.message
+    assert "check apiKeyEnv" in front.log()  # the operator's log says what to fix
+    for text in [a.text for a in answers] + [api_refusal.value.response.text, front.log()]:
+        assert WRONG_KEY not in text and WRONG_KEY[-12:] not in text
+
+
+# -- cancel: a client that goes away closes the upstream stream ------------------------------
+
+def test_a_rest_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
+    flaky.cue = Cue(endless=True)
+    with rest(front, "flaky", "text/plain", shouldStreamResponse=True) as reply:
+        assert next(reply.iter_content(chunk_size=None))
+    assert flaky.stream_closed.wait(NO_HANG)
+    wait_until(lambda: model_health(front, "flaky")["busy"] == 0, NO_HANG, "the slot is free")
+
+
+def test_an_openai_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
+    flaky.cue = Cue(endless=True)
+    stream = sdk(front).chat.completions.create(model="flaky", messages=QUESTION, stream=True)
+    with stream:
+        assert next(iter(stream))
+    assert flaky.stream_closed.wait(NO_HANG)
+
+
+def test_stop_on_the_chat_page_closes_the_upstream_stream(front, flaky):
+    flaky.cue = Cue(endless=True)
+    with closing(ChatClient(front)) as page:
+        page.send(userPrompt="hello")
+        wait_until(lambda: "tick" in page.receive(), NO_HANG, "the reply streams")
+        page.send(action="stop")
+        assert flaky.stream_closed.wait(NO_HANG)
+        page.receive_until_composer_enabled()
+
+
+def test_an_original_socket_that_closes_closes_the_upstream_stream(front, flaky):
+    flaky.cue = Cue(endless=True)
+    ws = original_socket(front)
+    ws.send("hello")
+    assert ws.recv() == "#a-c-k#" and "tick" in ws.recv()
+    ws.close()
+    assert flaky.stream_closed.wait(NO_HANG)
