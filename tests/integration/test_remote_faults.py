@@ -1,14 +1,14 @@
 """Remote engines when the upstream misbehaves (issue 16, item 4), through a live front server
 (gunicorn + gevent) with real clients on each surface the fault concerns.
 
-One front serves four endpoints, each a fake upstream (``tests/upstreams.py``) in this process:
-``flaky`` (the default model; it answers whatever ``Cue`` a test sets), ``slow`` (a 1 s
-``timeoutSeconds``), ``locked`` (it wants a key the front does not have) and ``down`` (nothing
-listens on its port until a test starts the fake there). The promises: a fault ends a reply
-with the text so far and a clear error on every surface, never a hang; an upstream error is a
-502 that says what happened; a key the upstream refuses is the operator's news (log, /health),
-never shown to users and never written anywhere; a client that goes away closes the upstream
-stream; a down endpoint comes back by itself.
+One front serves four endpoints, each a fake upstream in this process
+(``tests/fake_upstream.py``): ``flaky`` (the default model; each test sets what it does),
+``slow`` (a 1 s ``timeoutSeconds``), ``locked`` (it wants a key the front does not have) and
+``down`` (its port closed until a test opens it). The promises: a fault ends a reply with the
+text so far and a clear error on every surface, never a hang; an upstream error is a 502 that
+says what happened; a key the upstream refuses is the operator's news (log, /health), never
+shown to users and never written anywhere; a client that goes away closes the upstream stream;
+a down endpoint comes back by itself.
 """
 
 from __future__ import annotations
@@ -20,35 +20,39 @@ import openai
 import pytest
 import requests
 
-from bench.servers import free_port
+from tests.fake_upstream import FakeUpstream
 from tests.integration.test_concurrency import original_socket, within
 from tests.integration.test_ui_socket import ChatClient, element, shown_reply, shown_text
 from tests.live_server import LiveServer, wait_until
-from tests.upstreams import FAKE_REPLY, Cue, endpoint, fake_upstream, front_server
+from tests.upstreams import endpoint, front_server
 
 WRONG_KEY = "tbx-wrong-key-1a2b3c4d5e6f7a8b"
 RIGHT_KEY = "tbx-right-key-9f8e7d6c5b4a3f2e"
 KEY_VARIABLE = "TBX_TEST_LOCKED_KEY"
-CUT_AFTER = 3  # words the killed upstream streams before it dies
-SO_FAR = " ".join(FAKE_REPLY.split(" ")[:CUT_AFTER])
+PIECES = ["The", " fake", " upstream", " answers", " in", " seven", " words."]
+REPLY = "".join(PIECES)
+CUT_AFTER = 3  # pieces the killed upstream streams before it dies
+SO_FAR = "".join(PIECES[:CUT_AFTER])
 NO_HANG = 30.0  # seconds: a reply still open after this is a hang
 QUESTION = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
 def fakes():
-    down_port = free_port()  # reserved for the fake a test starts later
-    with fake_upstream() as flaky, fake_upstream() as slow, \
-            fake_upstream(key=RIGHT_KEY) as locked:
-        yield {"flaky": flaky, "slow": slow, "locked": locked, "down_port": down_port}
+    with FakeUpstream() as flaky, FakeUpstream() as slow, FakeUpstream(key=RIGHT_KEY) as locked, \
+            FakeUpstream() as down:
+        down.down()  # a known port with nothing on it, until a test opens it
+        for fake in (flaky, slow, locked, down):
+            fake.pieces = PIECES
+        yield {"flaky": flaky, "slow": slow, "locked": locked, "down": down}
 
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory, fakes):
-    endpoints = [endpoint("flaky", fakes["flaky"].url, timeoutSeconds=30),
-                 endpoint("slow", fakes["slow"].url, timeoutSeconds=1),
-                 endpoint("locked", fakes["locked"].url, apiKeyEnv=KEY_VARIABLE),
-                 endpoint("down", f"http://127.0.0.1:{fakes['down_port']}")]
+    endpoints = [endpoint("flaky", fakes["flaky"].base_url, timeoutSeconds=30),
+                 endpoint("slow", fakes["slow"].base_url, timeoutSeconds=1),
+                 endpoint("locked", fakes["locked"].base_url, apiKeyEnv=KEY_VARIABLE),
+                 endpoint("down", fakes["down"].base_url)]
     with front_server(tmp_path_factory.mktemp("front"), endpoints,
                       env={KEY_VARIABLE: WRONG_KEY}) as server:
         yield server
@@ -58,10 +62,13 @@ def front(tmp_path_factory, fakes):
 
 @pytest.fixture
 def flaky(fakes):
+    """The default model's upstream, answering normally until the test says otherwise."""
     fake = fakes["flaky"]
-    fake.reset()
+    fake.mode, fake.die_after, fake.stall_after = "ok", CUT_AFTER, 1
+    fake.release.clear()
+    fake.client_gone.clear()
     yield fake
-    fake.release()
+    fake.release.set()  # a stalled stream the test left ends
 
 
 def sdk(server: LiveServer) -> openai.OpenAI:
@@ -97,19 +104,19 @@ def test_an_upstream_down_at_start_is_unavailable_and_comes_back_by_itself(front
         sdk(front).chat.completions.create(model="down", messages=QUESTION)
     assert api_refusal.value.status_code == 503 and "unavailable" in api_refusal.value.message
     # The rest of the server works meanwhile.
-    assert rest(front, "flaky").json()["response"] == FAKE_REPLY
+    assert rest(front, "flaky").json()["response"] == REPLY
 
-    with fake_upstream(port=fakes["down_port"]):
-        wait_until(lambda: model_health(front, "down")["state"] == "ready", NO_HANG,
-                   "the endpoint that came up shows ready")
-        reply = sdk(front).chat.completions.create(model="down", messages=QUESTION)
-        assert reply.choices[0].message.content == FAKE_REPLY
+    fakes["down"].up()  # on the same port
+    wait_until(lambda: model_health(front, "down")["state"] == "ready", NO_HANG,
+               "the endpoint that came up shows ready")
+    reply = sdk(front).chat.completions.create(model="down", messages=QUESTION)
+    assert reply.choices[0].message.content == REPLY
 
 
 # -- killed mid-reply: the text so far, then a clear error, on every surface ----------------
 
 def test_killed_mid_reply_a_plain_text_stream_ends_without_its_final_chunk(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
 
     def read() -> str:
         received = b""
@@ -122,7 +129,7 @@ def test_killed_mid_reply_a_plain_text_stream_ends_without_its_final_chunk(front
 
 
 def test_killed_mid_reply_server_sent_events_end_with_an_error_event(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
     reply = within(NO_HANG, lambda: rest(front, "flaky", "text/event-stream"))
     events, name = [], None
     for line in reply.text.splitlines():
@@ -135,13 +142,13 @@ def test_killed_mid_reply_server_sent_events_end_with_an_error_event(front, flak
 
 
 def test_killed_mid_reply_a_whole_rest_reply_is_a_502(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
     reply = within(NO_HANG, lambda: rest(front, "flaky"))
     assert reply.status_code == 502 and "incomplete" in reply.text
 
 
 def test_killed_mid_reply_the_original_socket_shows_the_text_so_far_and_an_error(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
     with closing(original_socket(front)) as ws:
         ws.send("hello")
         messages = within(NO_HANG, lambda: receive_until_fin(ws))
@@ -158,7 +165,7 @@ def receive_until_fin(ws) -> list[str]:
 
 
 def test_killed_mid_reply_the_chat_page_keeps_the_text_so_far_and_says_why(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
     with closing(ChatClient(front)) as page:
         fragments = within(NO_HANG, lambda: page.ask("hello"))
     assert shown_text(fragments) == SO_FAR
@@ -168,7 +175,7 @@ def test_killed_mid_reply_the_chat_page_keeps_the_text_so_far_and_says_why(front
 
 
 def test_killed_mid_reply_an_openai_stream_raises_after_the_text_so_far(front, flaky):
-    flaky.cue = Cue(cut_after=CUT_AFTER)
+    flaky.mode = "die"
     received = []
 
     def read() -> None:
@@ -184,36 +191,35 @@ def test_killed_mid_reply_an_openai_stream_raises_after_the_text_so_far(front, f
 
 # -- slow, failing and garbled upstreams -----------------------------------------------------
 
-def test_an_upstream_that_does_not_answer_times_out(front, fakes):
-    fakes["slow"].reset(Cue(hold=True))
+def test_an_upstream_that_stops_answering_times_out(front, fakes):
+    fakes["slow"].mode, fakes["slow"].stall_after = "stall", 0  # headers, then nothing
     reply = within(NO_HANG, lambda: rest(front, "slow"))
-    assert reply.status_code in (502, 503, 504), reply.text
-    assert "slow" in error_message(reply)
+    assert reply.status_code in (502, 504), reply.text
+    assert "slow did not answer in time" in error_message(reply)
     with pytest.raises(openai.APIStatusError) as api_error:
         within(NO_HANG, lambda: sdk(front).chat.completions.create(model="slow",
                                                                   messages=QUESTION))
-    assert api_error.value.status_code in (502, 503, 504)
-    assert "no answer in time" in front.log() or "no data from the upstream" in front.log()
-    fakes["slow"].release()
+    assert api_error.value.status_code in (502, 504)
+    assert "did not answer in time" in api_error.value.message
+    assert "no data from the upstream" in front.log()  # the operator's side of it
 
 
-@pytest.mark.parametrize("cue, says", [
-    (Cue(status=500), "HTTP 500"),
-    (Cue(status=400), "HTTP 400"),
-    (Cue(body=b"<html>Bad Gateway</html>", content_type="text/html"), "could not be read"),
-    (Cue(body=b'data: {"choices": [{"delta": \n\n', content_type="text/event-stream"),
-     "could not be read"),
-], ids=["500", "400", "not-json", "malformed-json-in-the-stream"])
-def test_an_upstream_error_or_garbled_answer_is_a_502_that_says_so(front, flaky, cue, says):
-    flaky.cue = cue
+@pytest.mark.parametrize("mode, status, says", [
+    ("status", 500, "HTTP 500"),
+    ("status", 400, "HTTP 400"),
+    ("malformed", 200, "could not be read"),
+])
+def test_an_upstream_error_or_malformed_json_is_a_502_that_says_so(front, flaky, mode, status,
+                                                                   says):
+    flaky.mode, flaky.status = mode, status
     reply = rest(front, "flaky")
     assert reply.status_code == 502 and says in error_message(reply)
     with pytest.raises(openai.APIStatusError) as api_error:
         sdk(front).chat.completions.create(model="flaky", messages=QUESTION)
     assert api_error.value.status_code == 502 and says in api_error.value.message
     assert "Traceback" not in front.log()
-    flaky.reset()  # and the endpoint still serves
-    assert rest(front, "flaky").json()["response"] == FAKE_REPLY
+    flaky.mode = "ok"  # and the endpoint still serves
+    assert rest(front, "flaky").json()["response"] == REPLY
 
 
 # -- a wrong key -----------------------------------------------------------------------------
@@ -223,7 +229,7 @@ def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
                         and s, NO_HANG, "the first check of the endpoint")
     assert status["state"] == "unavailable"
     assert "401" in status["detail"] and KEY_VARIABLE in status["detail"]
-    assert fakes["locked"].wrong_keys > 0  # the front sent its key, and it was refused
+    assert "GET /v1/models" in fakes["locked"].paths  # the front asked, and was refused
     answers = [rest(front, "locked"), rest(front, "locked", "text/plain"),
                requests.get(front.url + "/health", timeout=NO_HANG),
                requests.get(front.url + "/v1/models", timeout=NO_HANG)]
@@ -239,35 +245,41 @@ def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
 # -- cancel: a client that goes away closes the upstream stream ------------------------------
 
 def test_a_rest_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
-    flaky.cue = Cue(endless=True)
+    flaky.mode = "stall"
     with rest(front, "flaky", "text/plain", shouldStreamResponse=True) as reply:
         assert next(reply.iter_content(chunk_size=None))
-    assert flaky.stream_closed.wait(NO_HANG)
+    assert flaky.client_gone.wait(NO_HANG)
     wait_until(lambda: model_health(front, "flaky")["busy"] == 0, NO_HANG, "the slot is free")
 
 
 def test_an_openai_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
-    flaky.cue = Cue(endless=True)
+    flaky.mode = "stall"
     stream = sdk(front).chat.completions.create(model="flaky", messages=QUESTION, stream=True)
     with stream:
         assert next(iter(stream))
-    assert flaky.stream_closed.wait(NO_HANG)
+    assert flaky.client_gone.wait(NO_HANG)
 
 
 def test_stop_on_the_chat_page_closes_the_upstream_stream(front, flaky):
-    flaky.cue = Cue(endless=True)
+    flaky.mode = "stall"
     with closing(ChatClient(front)) as page:
         page.send(userPrompt="hello")
-        wait_until(lambda: "tick" in page.receive(), NO_HANG, "the reply streams")
+        within(NO_HANG, lambda: receive_until_shown(page, PIECES[0]))
         page.send(action="stop")
-        assert flaky.stream_closed.wait(NO_HANG)
+        assert flaky.client_gone.wait(NO_HANG)
         page.receive_until_composer_enabled()
 
 
 def test_an_original_socket_that_closes_closes_the_upstream_stream(front, flaky):
-    flaky.cue = Cue(endless=True)
+    flaky.mode = "stall"
     ws = original_socket(front)
     ws.send("hello")
-    assert ws.recv() == "#a-c-k#" and "tick" in ws.recv()
+    assert ws.recv() == "#a-c-k#" and ws.recv() == PIECES[0]
     ws.close()
-    assert flaky.stream_closed.wait(NO_HANG)
+    assert flaky.client_gone.wait(NO_HANG)
+
+
+def receive_until_shown(page: ChatClient, text: str) -> None:
+    fragments = [page.receive()]
+    while shown_text(fragments) != text:
+        fragments.append(page.receive())

@@ -72,8 +72,8 @@ def upstream(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory, upstream):
-    remote = endpoint(REMOTE, upstream.url, model=UPSTREAM_MODEL, apiKeyEnv=KEY_VARIABLE,
-                      maxConcurrent=2)
+    remote = endpoint(REMOTE, upstream.url + "/v1", model=UPSTREAM_MODEL,
+                      apiKeyEnv=KEY_VARIABLE, maxConcurrent=2)
     with front_server(tmp_path_factory.mktemp("front"), [remote],
                       env={KEY_VARIABLE: UPSTREAM_TOKEN}, **SETTINGS) as server:
         yield server
@@ -177,7 +177,7 @@ def llama_cpp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_front(tmp_path_factory, llama_cpp):
     with front_server(tmp_path_factory.mktemp("llama-front"),
-                      [endpoint(LLAMA, llama_cpp.url, model=LLAMA_CPP_ALIAS)],
+                      [endpoint(LLAMA, llama_cpp.url + "/v1", model=LLAMA_CPP_ALIAS)],
                       **SETTINGS) as server:
         yield server
 
