@@ -77,8 +77,9 @@ def sdk(server: LiveServer) -> openai.OpenAI:
 
 
 def rest(server: LiveServer, model: str, accept: str = "application/json",
-         **params) -> requests.Response:
-    return requests.post(server.url + "/conversation", timeout=NO_HANG,
+         read_later: bool = False, **params) -> requests.Response:
+    """POST /conversation; with ``read_later`` the body is left to read (or not)."""
+    return requests.post(server.url + "/conversation", timeout=NO_HANG, stream=read_later,
                          headers={"Accept": accept},
                          json={"userPrompt": "hello", "model": model, **params})
 
@@ -120,7 +121,8 @@ def test_killed_mid_reply_a_plain_text_stream_ends_without_its_final_chunk(front
 
     def read() -> str:
         received = b""
-        with rest(front, "flaky", "text/plain", shouldStreamResponse=True) as reply:
+        with rest(front, "flaky", "text/plain", read_later=True,
+                  shouldStreamResponse=True) as reply:
             with pytest.raises(requests.exceptions.ChunkedEncodingError):
                 for chunk in reply.iter_content(chunk_size=None):
                     received += chunk
@@ -246,7 +248,8 @@ def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
 
 def test_a_rest_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
     flaky.mode = "stall"
-    with rest(front, "flaky", "text/plain", shouldStreamResponse=True) as reply:
+    with rest(front, "flaky", "text/plain", read_later=True,
+              shouldStreamResponse=True) as reply:
         assert next(reply.iter_content(chunk_size=None))
     assert flaky.client_gone.wait(NO_HANG)
     wait_until(lambda: model_health(front, "flaky")["busy"] == 0, NO_HANG, "the slot is free")
