@@ -14,7 +14,8 @@ Use::
             # "error_chunk" the first piece, then ``data: {"error": ...}`` (as Tanglebox does)
             # "die"         the first ``die_after`` pieces (default 1), then close the socket
             # "stall"       the first ``stall_after`` pieces (default 0), then send nothing
-            #               until ``release`` is set or the client goes away
+            #               until ``release`` is set (then the rest, as "ok") or the
+            #               client goes away
         upstream.status = 500                           # for mode "status"
         upstream.delay = 0.0                            # seconds between two pieces
         upstream.down() / upstream.up()                 # close the port (connection refused),
@@ -148,6 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             while not up.release.is_set():
                 if self._gone_within(POLL_SECONDS):
                     return
+            for piece in up.pieces[count:]:
+                self._event(json.dumps(self._chunk(piece, None)))
         if up.mode == "error_chunk":
             self._event(json.dumps({"error": {"message": "the model failed"}}))
             self._end_chunks()
