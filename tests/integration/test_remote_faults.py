@@ -22,7 +22,8 @@ import requests
 
 from tests.fake_upstream import FakeUpstream
 from tests.integration.test_concurrency import original_socket, within
-from tests.integration.test_ui_socket import ChatClient, element, shown_reply, shown_text
+from tests.integration.test_ui_socket import (ChatClient, element, shown_reply, shown_text,
+                                              targets)
 from tests.live_server import LiveServer, wait_until
 from tests.upstreams import endpoint, front_server
 
@@ -88,6 +89,12 @@ def model_health(server: LiveServer, model_id: str) -> dict:
     return next(m for m in server.health()["models"] if m["id"] == model_id)
 
 
+def checked_health(server: LiveServer, model_id: str) -> dict:
+    """The model's /health entry once the front's first check of its endpoint is done."""
+    return wait_until(lambda: (m := model_health(server, model_id))["state"] != "loading" and m,
+                      NO_HANG, f"the first check of {model_id}")
+
+
 def error_message(reply: requests.Response) -> str:
     body = reply.json()
     return body["error"]["message"] if isinstance(body.get("error"), dict) else body["error"]
@@ -96,7 +103,7 @@ def error_message(reply: requests.Response) -> str:
 # -- down at start, back by itself -----------------------------------------------------------
 
 def test_an_upstream_down_at_start_is_unavailable_and_comes_back_by_itself(front, fakes, flaky):
-    status = model_health(front, "down")
+    status = checked_health(front, "down")
     assert status["state"] == "unavailable" and "refused" in status["detail"]
     refused = rest(front, "down")
     assert refused.status_code == 503 and "Retry-After" in refused.headers
@@ -166,10 +173,14 @@ def receive_until_fin(ws) -> list[str]:
     return messages
 
 
+@pytest.mark.xfail(strict=True, reason="ui_socket answers an engine error after the first "
+                   "fragment by deleting the turn (_fail_turn), so the text so far disappears; "
+                   "issue 16 item 4 wants it kept with the error")
 def test_killed_mid_reply_the_chat_page_keeps_the_text_so_far_and_says_why(front, flaky):
     flaky.mode = "die"
     with closing(ChatClient(front)) as page:
         fragments = within(NO_HANG, lambda: page.ask("hello"))
+    assert not any("delete #turn-1" in targets(f) for f in fragments)
     assert shown_text(fragments) == SO_FAR
     errors = [element(f, "chat-error").text() for f in fragments if 'id="chat-error"' in f]
     # Said under the reply (its note) or in the error line under the conversation.
@@ -227,8 +238,7 @@ def test_an_upstream_error_or_malformed_json_is_a_502_that_says_so(front, flaky,
 # -- a wrong key -----------------------------------------------------------------------------
 
 def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
-    status = wait_until(lambda: (s := model_health(front, "locked"))["state"] != "loading"
-                        and s, NO_HANG, "the first check of the endpoint")
+    status = checked_health(front, "locked")
     assert status["state"] == "unavailable"
     assert "401" in status["detail"] and KEY_VARIABLE in status["detail"]
     assert "GET /v1/models" in fakes["locked"].paths  # the front asked, and was refused
