@@ -2,8 +2,9 @@
 (gunicorn + gevent) with real clients on each surface the fault concerns.
 
 One front serves four endpoints, each a fake upstream in this process
-(``tests/fake_upstream.py``): ``flaky`` (the default model; each test sets what it does),
-``slow`` (a 1 s ``timeoutSeconds``), ``locked`` (it wants a key the front does not have) and
+(``tests/fake_upstream.py``): ``flaky`` (the default model; each test sets what it does; its
+``timeoutSeconds`` is past every deadline here, so only a cancel closes a stalled stream in
+time), ``slow`` (a 1 s ``timeoutSeconds``), ``locked`` (it wants a key the front does not have) and
 ``down`` (its port closed until a test opens it). The promises: a fault ends a reply with the
 text so far and a clear error on every surface, never a hang; an upstream error is a 502 that
 says what happened; a key the upstream refuses is the operator's news (log, /health), never
@@ -50,7 +51,7 @@ def fakes():
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory, fakes):
-    endpoints = [endpoint("flaky", fakes["flaky"].base_url, timeoutSeconds=30),
+    endpoints = [endpoint("flaky", fakes["flaky"].base_url, timeoutSeconds=120),
                  endpoint("slow", fakes["slow"].base_url, timeoutSeconds=1),
                  endpoint("locked", fakes["locked"].base_url, apiKeyEnv=KEY_VARIABLE),
                  endpoint("down", fakes["down"].base_url)]
