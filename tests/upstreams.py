@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import openai
 import pytest
 import requests
 
@@ -35,6 +36,17 @@ READY_TIMEOUT = 180.0  # seconds a real engine may take to load and answer
 def endpoint(name: str, base_url: str, **fields: Any) -> dict[str, Any]:
     """One ``remoteEndpoints`` entry; ``base_url`` goes up to ``/v1``."""
     return {"name": name, "baseUrl": base_url, **fields}
+
+
+def sdk(url: str, key: str = "unused", timeout: float = 120) -> openai.OpenAI:
+    """The official OpenAI client for the server at ``url`` (its ``/v1``), strict, no retries."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout,
+                         _strict_response_validation=True)
+
+
+def model_health(server: LiveServer, model_id: str) -> dict:
+    """The entry of ``model_id`` in the server's ``/health``."""
+    return next(m for m in server.health()["models"] if m["id"] == model_id)
 
 
 @contextmanager

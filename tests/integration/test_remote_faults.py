@@ -26,7 +26,7 @@ from tests.integration.test_concurrency import original_socket, within
 from tests.integration.test_ui_socket import (ChatClient, element, shown_reply, shown_text,
                                               targets)
 from tests.live_server import LiveServer, wait_until
-from tests.upstreams import endpoint, front_server
+from tests.upstreams import endpoint, front_server, model_health, sdk
 
 WRONG_KEY = "tbx-wrong-key-1a2b3c4d5e6f7a8b"
 RIGHT_KEY = "tbx-right-key-9f8e7d6c5b4a3f2e"
@@ -73,11 +73,6 @@ def flaky(fakes):
     fake.release.set()  # a stalled stream the test left ends
 
 
-def sdk(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=NO_HANG)
-
-
 def rest(server: LiveServer, model: str, accept: str = "application/json",
          read_later: bool = False, **params) -> requests.Response:
     """POST /conversation; with ``read_later`` the body is left to read (or not)."""
@@ -86,8 +81,10 @@ def rest(server: LiveServer, model: str, accept: str = "application/json",
                          json={"userPrompt": "hello", "model": model, **params})
 
 
-def model_health(server: LiveServer, model_id: str) -> dict:
-    return next(m for m in server.health()["models"] if m["id"] == model_id)
+def ask(server: LiveServer, model: str, **params):
+    """A chat completion through the official OpenAI client."""
+    return sdk(server.url, timeout=NO_HANG).chat.completions.create(
+        model=model, messages=QUESTION, **params)
 
 
 def checked_health(server: LiveServer, model_id: str) -> dict:
@@ -110,7 +107,7 @@ def test_an_upstream_down_at_start_is_unavailable_and_comes_back_by_itself(front
     assert refused.status_code == 503 and "Retry-After" in refused.headers
     assert "down is unavailable" in refused.text
     with pytest.raises(openai.APIStatusError) as api_refusal:
-        sdk(front).chat.completions.create(model="down", messages=QUESTION)
+        ask(front, "down")
     assert api_refusal.value.status_code == 503 and "unavailable" in api_refusal.value.message
     # The rest of the server works meanwhile.
     assert rest(front, "flaky").json()["response"] == REPLY
@@ -118,7 +115,7 @@ def test_an_upstream_down_at_start_is_unavailable_and_comes_back_by_itself(front
     fakes["down"].up()  # on the same port
     wait_until(lambda: model_health(front, "down")["state"] == "ready", NO_HANG,
                "the endpoint that came up shows ready")
-    reply = sdk(front).chat.completions.create(model="down", messages=QUESTION)
+    reply = ask(front, "down")
     assert reply.choices[0].message.content == REPLY
 
 
@@ -192,10 +189,9 @@ def test_killed_mid_reply_an_openai_stream_raises_after_the_text_so_far(front, f
     flaky.mode = "die"
     received = []
 
-    def read() -> None:
+    def read() -> openai.APIError:
         with pytest.raises(openai.APIError) as cut:
-            for chunk in sdk(front).chat.completions.create(model="flaky", messages=QUESTION,
-                                                            stream=True):
+            for chunk in ask(front, "flaky", stream=True):
                 received.append(chunk.choices[0].delta.content or "")
         return cut.value
     error = within(NO_HANG, read)
@@ -211,8 +207,7 @@ def test_an_upstream_that_stops_answering_times_out(front, fakes):
     assert reply.status_code in (502, 504), reply.text
     assert "slow did not answer in time" in error_message(reply)
     with pytest.raises(openai.APIStatusError) as api_error:
-        within(NO_HANG, lambda: sdk(front).chat.completions.create(model="slow",
-                                                                  messages=QUESTION))
+        within(NO_HANG, lambda: ask(front, "slow"))
     assert api_error.value.status_code in (502, 504)
     assert "did not answer in time" in api_error.value.message
     assert "no data from the upstream" in front.log()  # the operator's side of it
@@ -229,7 +224,7 @@ def test_an_upstream_error_or_malformed_json_is_a_502_that_says_so(front, flaky,
     reply = rest(front, "flaky")
     assert reply.status_code == 502 and says in error_message(reply)
     with pytest.raises(openai.APIStatusError) as api_error:
-        sdk(front).chat.completions.create(model="flaky", messages=QUESTION)
+        ask(front, "flaky")
     assert api_error.value.status_code == 502 and says in api_error.value.message
     assert "Traceback" not in front.log()
     flaky.mode = "ok"  # and the endpoint still serves
@@ -248,7 +243,7 @@ def test_a_wrong_key_is_the_operators_news_and_never_shown(front, fakes):
                requests.get(front.url + "/v1/models", timeout=NO_HANG)]
     assert answers[0].status_code == 503 and "locked is unavailable" in answers[0].text
     with pytest.raises(openai.APIStatusError) as api_refusal:
-        sdk(front).chat.completions.create(model="locked", messages=QUESTION)
+        ask(front, "locked")
     assert "unavailable" in api_refusal.value.message
     assert "check apiKeyEnv" in front.log()  # the operator's log says what to fix
     for text in [a.text for a in answers] + [api_refusal.value.response.text, front.log()]:
@@ -268,7 +263,7 @@ def test_a_rest_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
 
 def test_an_openai_client_that_hangs_up_closes_the_upstream_stream(front, flaky):
     flaky.mode = "stall"
-    stream = sdk(front).chat.completions.create(model="flaky", messages=QUESTION, stream=True)
+    stream = ask(front, "flaky", stream=True)
     with stream:
         assert next(iter(stream))
     assert flaky.client_gone.wait(NO_HANG)

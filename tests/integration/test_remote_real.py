@@ -20,7 +20,8 @@ from tests.integration.test_concurrency import original_socket, socket_reply
 from tests.integration.test_ui_socket import ChatClient, shown_text
 from tests.live_server import LiveServer
 from tests.upstreams import (LLAMA_CPP_ALIAS, UPSTREAM_MODEL, UPSTREAM_TOKEN, LlamaCppServer,
-                             endpoint, front_server, llama_cpp_upstream, tanglebox_upstream)
+                             endpoint, front_server, llama_cpp_upstream, model_health, sdk,
+                             tanglebox_upstream)
 
 pytestmark = pytest.mark.real_model
 
@@ -33,11 +34,6 @@ MAX_TOKENS = 40
 CAPITAL = "What is the capital of France?"
 ARITHMETIC = "What is 2 + 2?"
 SETTINGS = {"temperature": 0, "maxNewTokens": MAX_TOKENS}
-
-
-def sdk(url: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120,
-                         _strict_response_validation=True)
 
 
 def chat(client: openai.OpenAI, model: str, question: str, **params):
@@ -56,11 +52,6 @@ def rest(server: LiveServer, question: str, accept: str, **params) -> requests.R
     return requests.post(server.url + "/conversation", timeout=120, headers={"Accept": accept},
                          json={"userPrompt": question, "temperature": 0,
                                "maxNewTokens": MAX_TOKENS, **params})
-
-
-def model_health(server: LiveServer, model_id: str) -> dict:
-    """The entry of ``model_id`` in the server's ``/health``."""
-    return next(m for m in server.health()["models"] if m["id"] == model_id)
 
 
 @pytest.fixture(scope="module")
