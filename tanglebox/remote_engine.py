@@ -10,8 +10,8 @@ Flow of a request::
       POST {baseUrl}/chat/completions (a raw prompt: /completions), stream=true with usage;
       each ``data:`` chunk's text is a Delta at once; the last chunk's usage gives the counts;
       the end is Done(finish reason, text, counts, timings), or Error(upstream) when the
-      upstream failed (before any text: the adapters answer 502), or Done(cancelled/timeout)
-      with the text so far
+      upstream failed (before any text: the adapters answer 502; Error(unavailable), 503,
+      when it could not be reached), or Done(cancelled/timeout) with the text so far
 
 The upstream renders its own chat template: the request's messages go as they are (system
 prompt first), and no conversation template applies. Network I/O runs in greenlets under
@@ -189,7 +189,9 @@ class RemoteEngine:
         log.warning("remote %s: %s", self.name, err.detail)
         if err.connect or err.bad_key:
             self._mark(ModelState.UNAVAILABLE, err.detail)
-        generation._emit(Error(ErrorCode.UPSTREAM, user_message(self.name, err, reply.text)))
+        unreachable = err.connect and not err.timed_out and not reply.text
+        generation._emit(Error(ErrorCode.UNAVAILABLE if unreachable else ErrorCode.UPSTREAM,
+                               user_message(self.name, err, reply.text)))
 
     def _close_stream(self, generation: Generation) -> None:
         with self._lock:
@@ -222,11 +224,24 @@ class RemoteEngine:
 
     def _probe(self) -> None:
         try:
-            self.client.get_json("/models", min(PROBE_TIMEOUT_SECONDS, self.upstream.timeout))
+            listed = self.client.get_json("/models",
+                                          min(PROBE_TIMEOUT_SECONDS, self.upstream.timeout))
         except UpstreamError as err:
             self._mark(ModelState.UNAVAILABLE, err.detail)
-        else:
-            self._mark(ModelState.READY, "")
+            return
+        if self.state != ModelState.READY:
+            self._check_listed(listed)
+        self._mark(ModelState.READY, "")
+
+    def _check_listed(self, listed: Any) -> None:
+        """Warn when the upstream does not list the endpoint's ``model``: some engines serve
+        any name (llama_cpp.server), others answer 404 (vLLM, Tanglebox)."""
+        data = listed.get("data") if isinstance(listed, dict) else None
+        ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        if ids and self.upstream.model not in ids:
+            log.warning("remote %s: the upstream lists %s, not %r (the endpoint's \"model\"); "
+                        "it may refuse requests for it", self.name,
+                        ", ".join(map(str, ids[:5])), self.upstream.model)
 
     def _mark(self, state: ModelState, detail: str) -> None:
         if state != self.state:

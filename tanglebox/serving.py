@@ -127,7 +127,7 @@ def configure_logging(settings: Settings) -> None:
 class TangleboxServer(BaseApplication):
     """gunicorn, configured from settings, serving an app built inside the worker."""
 
-    def __init__(self, settings: Settings, location: ModelLocation) -> None:
+    def __init__(self, settings: Settings, location: ModelLocation | None) -> None:
         self.settings = settings
         self.location = location
         self.crashes = WorkerCrashes()

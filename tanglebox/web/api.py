@@ -38,7 +38,8 @@ from werkzeug.exceptions import (BadGateway, InternalServerError, RequestEntityT
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
 from tanglebox.client_json import decode_json
 from tanglebox.generation import Delta, Done, Error, ErrorCode, Event, FinishReason
-from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
+from tanglebox.runtime import (LOADING_RETRY_AFTER, SHUTDOWN_RETRY_AFTER, Runtime,
+                               current_runtime)
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
 from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, StreamCut, final_event,
                                       first_event, streamed)
@@ -173,6 +174,8 @@ def refuse(error: Error) -> NoReturn:
         raise ServiceUnavailable(error.message, retry_after=SHUTDOWN_RETRY_AFTER)
     if error.code == ErrorCode.UPSTREAM:  # a remote model's server failed
         raise BadGateway(error.message)
+    if error.code == ErrorCode.UNAVAILABLE:
+        raise ServiceUnavailable(error.message, retry_after=LOADING_RETRY_AFTER)
     raise InternalServerError(error.message)
 
 

@@ -42,7 +42,8 @@ from tanglebox.generation import (ENDED_EARLY, Delta, Done, Error, ErrorCode, Ev
 from tanglebox.openai_request import (Capabilities, OpenAIRequest, parse_chat_completion,
                                       parse_completion, parse_embedding_input,
                                       parse_encoding_format, parse_model)
-from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Refused, Runtime, current_runtime
+from tanglebox.runtime import (LOADING_RETRY_AFTER, SHUTDOWN_RETRY_AFTER, Refused, Runtime,
+                               current_runtime)
 from tanglebox.served_models import UnknownModel
 from tanglebox.web import openai_wire as wire
 from tanglebox.web.auth import require_api_enabled, require_token
@@ -309,6 +310,9 @@ def refuse(error: Error) -> NoReturn:
                                retry_after=SHUTDOWN_RETRY_AFTER)
     if error.code == ErrorCode.UPSTREAM:  # a remote model's server failed: not ours, not yours
         raise wire.OpenAIError(502, error.message, code="upstream_error")
+    if error.code == ErrorCode.UNAVAILABLE:
+        raise wire.OpenAIError(503, error.message, code="model_unavailable",
+                               retry_after=LOADING_RETRY_AFTER)
     raise wire.OpenAIError(500, error.message, code=str(error.code))
 
 

@@ -138,6 +138,16 @@ def test_an_upstream_down_shows_in_health_and_refuses_only_its_model(client, run
     assert client.post(CHAT, json=chat(REMOTE)).status_code == 200
 
 
+def test_an_upstream_gone_between_checks_is_503_and_marked_at_once(client, runtime, upstream):
+    upstream.down()  # the next check is READY_PROBE_SECONDS away: the request finds out
+    refused = client.post(CHAT, json=chat(REMOTE))
+    error = assert_openai_error(refused, 503, code="model_unavailable")
+    assert error["message"] == "The model big is unavailable; try again later."
+    assert refused.headers["Retry-After"]
+    models = {m["id"]: m for m in client.get("/health").get_json()["models"]}
+    assert models[REMOTE]["state"] == "unavailable"
+
+
 def test_a_wrong_key_is_in_health_for_the_operator_and_unavailable_for_users(
         app, client, monkeypatch, upstream):
     monkeypatch.setenv("FAKE_KEY", "sk-wrong-one")

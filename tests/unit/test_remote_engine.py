@@ -34,14 +34,15 @@ def ask(text: str = "Hi", **fields) -> ChatRequest:
 
 
 def final(generation: Generation) -> tuple[str, Done | Error]:
-    """The streamed text and the final event."""
+    """The streamed text and the final event (each event within ``WAIT_SECONDS``)."""
     text = ""
-    for event in generation.events():
-        if isinstance(event, Delta):
-            text += event.text
-        else:
+    while True:
+        event = generation.next_event(WAIT_SECONDS)
+        if event is None:
+            raise AssertionError(f"no event within {WAIT_SECONDS} s after {text!r}")
+        if not isinstance(event, Delta):
             return text, event
-    raise AssertionError("no final event")
+        text += event.text
 
 
 @pytest.fixture
@@ -144,9 +145,17 @@ def test_connections_are_kept_alive_and_reused(upstream, make_engine):
     assert upstream.connections == before + 1
 
 
+def test_a_kept_alive_connection_the_upstream_closed_is_replaced_unseen(upstream, make_engine):
+    upstream.close_idle = True
+    engine = make_engine()
+    replies = [final(engine.submit(ask())) for _ in range(3)]
+    assert all(text == "Hello, world" and isinstance(done, Done) for text, done in replies)
+    assert len(upstream.requests) == 3 and engine.upstream_errors == 0
+
+
 def test_cancel_closes_the_upstream_stream_at_once(upstream, make_engine):
     upstream.mode, upstream.stall_after = "stall", 1
-    engine = make_engine()
+    engine = make_engine(timeout=600)  # nothing else would end the stall within the test
     generation = engine.submit(ask())
     assert generation.next_event(WAIT_SECONDS) == Delta("Hello")
     generation.cancel()
@@ -158,7 +167,7 @@ def test_cancel_closes_the_upstream_stream_at_once(upstream, make_engine):
 
 def test_request_timeout_ends_the_reply_with_its_text_so_far(upstream, make_engine):
     upstream.mode, upstream.stall_after = "stall", 1
-    text, done = final(make_engine(request_timeout=0.5).submit(ask()))
+    text, done = final(make_engine(timeout=600, request_timeout=0.5).submit(ask()))
     assert text == "Hello"
     assert isinstance(done, Done) and done.finish_reason == FinishReason.TIMEOUT
     assert upstream.client_gone.wait(WAIT_SECONDS)
@@ -195,10 +204,18 @@ def test_an_upstream_error_before_any_text_is_an_upstream_error(upstream, make_e
     assert engine.state == ModelState.READY  # it answered: it is up
 
 
-def test_an_error_chunk_mid_stream_ends_the_reply_with_an_error(upstream, make_engine):
+def test_an_error_chunk_mid_stream_ends_the_reply_with_an_error(upstream, make_engine, caplog):
     upstream.mode = "error_chunk"
     text, error = final(make_engine().submit(ask()))
     assert text == "Hello" and error.code == ErrorCode.UPSTREAM
+    assert "remote big: the upstream ended the stream with an error" in caplog.text
+
+
+def test_a_model_the_upstream_does_not_list_is_a_warning_for_the_operator(upstream,
+                                                                          make_engine, caplog):
+    upstream.model = "another-model"
+    make_engine()
+    assert "remote big: the upstream lists another-model, not 'fake-model'" in caplog.text
 
 
 def test_a_wrong_key_makes_the_model_unavailable_naming_the_variable_not_the_key(
@@ -225,7 +242,7 @@ def test_a_refused_connection_mid_service_marks_the_model_unavailable(upstream, 
     engine = make_engine()
     upstream.down()
     text, error = final(engine.submit(ask()))
-    assert error == Error(ErrorCode.UPSTREAM, "The model big is unavailable; try again later.")
+    assert error == Error(ErrorCode.UNAVAILABLE, "The model big is unavailable; try again later.")
     assert engine.state == ModelState.UNAVAILABLE
 
 
