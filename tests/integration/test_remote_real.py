@@ -5,11 +5,15 @@ Two upstreams, each on the real embedded model: a second Tanglebox (tokens requi
 front's ``apiKeyEnv`` key travels for real), and llama-cpp-python's own OpenAI server (a
 non-Tanglebox engine). At temperature 0 an answer through the front is exactly the answer the
 upstream gives when asked directly: the front forwards, and neither adds nor loses a token.
+Last, llama_cpp.server is killed (SIGKILL) in the middle of a reply: the front's stream is cut
+after the text so far, and the model shows unavailable.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from contextlib import closing
 
 import openai
@@ -18,7 +22,7 @@ import requests
 
 from tests.integration.test_concurrency import original_socket, socket_reply
 from tests.integration.test_ui_socket import ChatClient, shown_text
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, wait_until
 from tests.upstreams import (LLAMA_CPP_ALIAS, UPSTREAM_MODEL, UPSTREAM_TOKEN, LlamaCppServer,
                              endpoint, front_server, llama_cpp_upstream, model_health, sdk,
                              tanglebox_upstream)
@@ -33,6 +37,7 @@ MAX_TOKENS = 40
 # exactly the upstream's text; the first ends at the 40-token limit, the second by itself.
 CAPITAL = "What is the capital of France?"
 ARITHMETIC = "What is 2 + 2?"
+STORY = "Write a long story about a dragon."  # hundreds of tokens: still streaming when killed
 SETTINGS = {"temperature": 0, "maxNewTokens": MAX_TOKENS}
 
 
@@ -201,3 +206,24 @@ def test_llama_cpp_server_answers_rest_clients_through_the_front(llama_front, ll
     assert whole.status_code == 200, whole.text
     assert whole.json()["response"] == direct
     assert rest(llama_front, ARITHMETIC, "text/plain", shouldStreamResponse=True).text == direct
+
+
+def test_llama_cpp_server_killed_mid_reply_cuts_the_stream_and_shows_unavailable(llama_front,
+                                                                                llama_cpp):
+    # Last in this module: it kills the upstream (SIGKILL: no goodbye on the wire).
+    received = b""
+    with requests.post(llama_front.url + "/conversation", stream=True, timeout=120,
+                       headers={"Accept": "text/plain"},
+                       json={"userPrompt": STORY, "maxNewTokens": 1000,
+                             "shouldStreamResponse": True}) as reply:
+        chunks = reply.iter_content(chunk_size=None)
+        received += next(chunks)
+        os.killpg(llama_cpp.process.pid, signal.SIGKILL)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # no final chunk: cut
+            for chunk in chunks:
+                received += chunk
+    assert received.decode().strip()  # the text so far came
+    wait_until(lambda: model_health(llama_front, LLAMA)["state"] == "unavailable", 30,
+               "the killed upstream shows unavailable")
+    refused = rest(llama_front, ARITHMETIC, "application/json")
+    assert refused.status_code == 503 and f"{LLAMA} is unavailable" in refused.text
