@@ -73,6 +73,8 @@ def front(tmp_path_factory, upstream):
     with front_server(tmp_path_factory.mktemp("front"), [remote],
                       env={KEY_VARIABLE: UPSTREAM_TOKEN}, **SETTINGS) as server:
         yield server
+    assert "Traceback" not in server.log()
+    assert UPSTREAM_TOKEN not in server.log()  # the key it used is written nowhere
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,7 @@ def llama_front(tmp_path_factory, llama_cpp):
                       [endpoint(LLAMA, llama_cpp.url + "/v1", model=LLAMA_CPP_ALIAS)],
                       **SETTINGS) as server:
         yield server
+    assert "Traceback" not in server.log()
 
 
 def repeated(llama_cpp: LlamaCppServer, question: str) -> str:
