@@ -105,8 +105,11 @@ class UpstreamClient:
         return headers
 
     def get_json(self, path: str, timeout: float) -> Any:
-        """GET ``path`` (below the base URL) and decode its JSON; raises UpstreamError."""
-        connection = self._connection(timeout)
+        """GET ``path`` (below the base URL) and decode its JSON; raises UpstreamError.
+
+        On a connection of its own: a kept-alive one may have been closed by the upstream
+        meanwhile, and a health check must not read that as the upstream being down."""
+        connection = self._connection(timeout, reuse=False)
         try:
             response = self._send(connection, "GET", path, None, timeout)
             _raise_for_status(response, self.upstream)

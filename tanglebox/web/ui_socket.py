@@ -354,6 +354,10 @@ class ChatSocket:
             reply.finished.set()
         if reply.interrupted:
             return  # the socket that took over shows the conversation as it now stands
+        if isinstance(outcome, Error) and text:  # it failed mid-reply: keep what was written
+            turn.reply, turn.note = text, outcome.message
+            self.send(fragments.end(turn.reply, turn.note), self._composer())
+            return
         if isinstance(outcome, Error):
             self._fail_turn(turn, previous, outcome.message)
             return
@@ -394,8 +398,8 @@ class ChatSocket:
         return "" if done.text.strip() else "The model gave an empty reply."
 
     def _fail_turn(self, turn: Turn, previous: tuple[str, str] | None, message: str) -> None:
-        """An engine error: a new turn disappears (its text back in the composer); a
-        regenerated reply goes back to what it was."""
+        """An engine error before any text: a new turn disappears (its text back in the
+        composer); a regenerated reply goes back to what it was."""
         if previous is None:
             self.conversation.remove_turn(turn)
             self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),

@@ -171,9 +171,6 @@ def receive_until_fin(ws) -> list[str]:
     return messages
 
 
-@pytest.mark.xfail(strict=True, reason="ui_socket answers an engine error after the first "
-                   "fragment by deleting the turn (_fail_turn), so the text so far disappears; "
-                   "issue 16 item 4 wants it kept with the error")
 def test_killed_mid_reply_the_chat_page_keeps_the_text_so_far_and_says_why(front, flaky):
     flaky.mode = "die"
     with closing(ChatClient(front)) as page:

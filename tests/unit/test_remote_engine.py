@@ -153,6 +153,17 @@ def test_a_kept_alive_connection_the_upstream_closed_is_replaced_unseen(upstream
     assert len(upstream.requests) == 3 and engine.upstream_errors == 0
 
 
+def test_the_health_check_never_takes_a_kept_alive_connection_the_upstream_closed(
+        upstream, make_engine):
+    # Found against a real Tanglebox upstream (gunicorn closes idle connections after 2 s):
+    # the check reused the pooled connection and marked a working endpoint unavailable.
+    upstream.close_idle = True
+    engine = make_engine()
+    final(engine.submit(ask()))  # leaves a kept-alive connection that the upstream closes
+    engine._probe()
+    assert engine.state == ModelState.READY, engine.status().detail
+
+
 def test_cancel_closes_the_upstream_stream_at_once(upstream, make_engine):
     upstream.mode, upstream.stall_after = "stall", 1
     engine = make_engine(timeout=600)  # nothing else would end the stall within the test
