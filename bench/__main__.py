@@ -50,7 +50,7 @@ from pathlib import Path
 
 from bench import clients as bench_clients
 from bench.clients import SURFACE_NAMES, SURFACES
-from bench.contest import Prompts, run_clients
+from bench.contest import Prompts, add_contest_arguments, chosen_surfaces, run_clients
 from bench.direct import DirectModel, cpu_threads
 from bench.machine import OtherLoad
 from bench.report import Run, goals, markdown_table, ms, percentile, summarize
@@ -88,13 +88,7 @@ def run_direct(model: DirectModel, render, prompts: list[str], max_tokens: int) 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="1,4,8",
-                        help="comma-separated numbers of concurrent clients (default 1,4,8)")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
-    parser.add_argument("--surfaces", default="original,rest,ui",
-                        help="Tanglebox surfaces to drive: original, rest, ui, openai "
-                             "(default original,rest,ui)")
+    add_contest_arguments(parser, clients="1,4,8", rounds=3, surfaces="original,rest,ui")
     parser.add_argument("--url", help="a running Tanglebox server (default: start one)")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
@@ -123,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = (args.model or embedded_model_path()).resolve()
     ks = [int(k) for k in args.clients.split(",")]
-    surfaces = [s.strip() for s in args.surfaces.split(",") if s.strip()]
-    unknown = set(surfaces) - set(SURFACES)
-    if unknown:
-        print(f"bench: unknown surface {', '.join(sorted(unknown))}; choose from "
-              f"{', '.join(SURFACES)}", file=sys.stderr)
+    try:
+        surfaces = chosen_surfaces(args.surfaces)
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
         return 2
     folder = Path(tempfile.mkdtemp(prefix="tanglebox-bench-"))
     model = DirectModel(model_path)

@@ -9,9 +9,11 @@ every prompt, so no server answers one from a cached prompt.
 
 from __future__ import annotations
 
+import argparse
 import threading
 
 from bench import clients as bench_clients
+from bench.clients import SURFACES
 from bench.report import Run
 
 TOPICS = ("a dragon who learns to bake bread", "a lighthouse keeper and a storm",
@@ -82,3 +84,26 @@ def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
         ends.append(reply.chunk_times[-1])
     run.seconds = (max(ends) - min(sent)) if ends else float("nan")
     return run
+
+
+def add_contest_arguments(parser: argparse.ArgumentParser, clients: str, rounds: int,
+                          surfaces: str) -> None:
+    """The options every benchmark of K streaming clients takes, with its own defaults."""
+    parser.add_argument("--clients", default=clients,
+                        help=f"comma-separated numbers of concurrent clients (default {clients})")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="repetitions of each measurement")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
+    parser.add_argument("--surfaces", default=surfaces,
+                        help=f"Tanglebox surfaces to drive: {', '.join(SURFACES)} "
+                             f"(default {surfaces})")
+
+
+def chosen_surfaces(text: str) -> list[str]:
+    """The surfaces named in ``--surfaces``; ValueError names any that does not exist."""
+    surfaces = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = set(surfaces) - set(SURFACES)
+    if unknown:
+        raise ValueError(f"unknown surface {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(SURFACES)}")
+    return surfaces

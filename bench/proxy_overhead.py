@@ -44,7 +44,7 @@ from pathlib import Path
 import requests
 
 from bench.clients import SURFACE_NAMES, SURFACES, OpenAIChatClient
-from bench.contest import Prompts, run_clients
+from bench.contest import Prompts, add_contest_arguments, chosen_surfaces, run_clients
 from bench.direct import DirectModel, cpu_threads
 from bench.machine import OtherLoad, cpu_model, load_average
 from bench.report import Run, markdown_table, ms, percentile, proxy_overhead, summarize
@@ -59,13 +59,7 @@ UPSTREAM_TIMEOUT = 300.0  # the front's timeoutSeconds for the upstream
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.proxy_overhead",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="1,8",
-                        help="comma-separated numbers of concurrent clients (default 1,8)")
-    parser.add_argument("--rounds", type=int, default=4, help="repetitions of each measurement")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
-    parser.add_argument("--surfaces", default="openai",
-                        help="the front's surfaces to drive: openai, rest, original, ui "
-                             "(default openai)")
+    add_contest_arguments(parser, clients="1,8", rounds=4, surfaces="openai")
     parser.add_argument("--upstream", choices=("llama-server", "tanglebox"),
                         default="llama-server",
                         help="what serves the model behind the front (default llama-server, "
@@ -112,11 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.proxy_overhead: --llama-server PATH is needed (or --upstream tanglebox)",
               file=sys.stderr)
         return 2
-    surfaces = [s.strip() for s in args.surfaces.split(",") if s.strip()]
-    unknown = set(surfaces) - set(SURFACES)
-    if unknown:
-        print(f"bench.proxy_overhead: unknown surface {', '.join(sorted(unknown))}; choose "
-              f"from {', '.join(SURFACES)}", file=sys.stderr)
+    try:
+        surfaces = chosen_surfaces(args.surfaces)
+    except ValueError as err:
+        print(f"bench.proxy_overhead: {err}", file=sys.stderr)
         return 2
     from tanglebox.model_location import embedded_model_path
 
