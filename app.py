@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         elif settings.filled_in:
             print(f"tanglebox: {args.settings}: added missing settings with their defaults: "
                   f"{', '.join(settings.filled_in)}", file=sys.stderr)
-        if location.backend == "llama.cpp":
+        if location is not None and location.backend == "llama.cpp":
             print(f"tanglebox: {run_self_check(args.settings, overrides_from(args))}",
                   file=sys.stderr, flush=True)
     except SettingsError as err:
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     scheme = "https" if settings["useSsl"] else "http"
     host = "localhost" if settings["host"] in ("0.0.0.0", "::", "127.0.0.1") else settings["host"]
-    print(f"tanglebox: serving {location.path.name} ({location.backend}) at "
-          f"{scheme}://{host}:{settings['port']}", file=sys.stderr, flush=True)
+    served = ", ".join(([f"{location.path.name} ({location.backend})"] if location else [])
+                       + [f"{e['name']} (remote)" for e in settings["remoteEndpoints"]])
+    print(f"tanglebox: serving {served} at {scheme}://{host}:{settings['port']}",
+          file=sys.stderr, flush=True)
     try:
         TangleboxServer(settings, location).run()
     except SystemExit as exit_:

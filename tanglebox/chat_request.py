@@ -54,6 +54,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()  # extra stop strings, beside the template's
     sampling: SamplingOptions = SamplingOptions()
     prompt_text: str | None = None  # a raw prompt (OpenAI completions): no template, no messages
+    model: str | None = None  # a served model's id (tanglebox.served_models); None: the default
 
 
 @dataclass(frozen=True)

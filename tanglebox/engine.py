@@ -122,6 +122,7 @@ class Engine:
         # While a step hands out tokens: the generations to wake when it is done, in order
         # (a dict, so each is woken once however many events it got).
         self._unwoken: dict[Generation, None] | None = None
+        self.cached_prompt_tokens = 0  # prompt tokens reused from a slot's cache, ever (/metrics)
 
     # -- the adapters' side -------------------------------------------------------------
 
@@ -280,6 +281,7 @@ class Engine:
             return
         del slot.tokens[keep:]
         slot.busy = True
+        self.cached_prompt_tokens += keep
         self._active.append(_Sequence(
             generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
             to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),

@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
     GRAMMAR = "grammar"  # the request's grammar (response_format) cannot be used
+    UPSTREAM = "upstream"  # a remote model's server failed, answered an error, or was unreadable
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,13 @@ class Generation:
         self.cancelled = False
         self._channel = handoff.EventChannel()
         self._finished = False
+        # Set by an engine that can stop a reply at once (a remote one closes its stream).
+        self._on_cancel: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread before its next step
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None if none came within ``timeout`` seconds."""

@@ -15,6 +15,11 @@ A :class:`Refused` carries the one sentence for that refusal (the same on every 
 when to try again, and the HTTP status; each adapter only puts it in its own format.
 Adapters that answer the server's state before reading a request (REST, the original
 socket) call :meth:`Runtime.check_open` first.
+
+The runtime serves several models (``tanglebox.served_models``): the local engine, once it
+has loaded (none when ``modelName`` is empty), and a ``RemoteEngine`` per ``remoteEndpoints``
+entry. ``submit`` routes by ``ChatRequest.model`` (None: ``default_model_id``), and an id
+nobody serves raises :class:`UnknownModel` for the adapter to answer in its format.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest, Limits
 from tanglebox.engine import ClientQueueFull, Engine, EngineStopped, QueueFull
 from tanglebox.generation import SHUTTING_DOWN, Generation
+from tanglebox.model_location import model_id
+from tanglebox.remote_engine import EndpointUnavailable, RemoteEngine, unavailable_message
+from tanglebox.served_models import (LOCAL, ModelEngine, ModelState, ModelStatus,
+                                     UnknownModel)
 from tanglebox.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,6 +70,7 @@ class Refusal(StrEnum):
     QUEUE_FULL = "queue_full"
     CLIENT_QUEUE_FULL = "client_queue_full"
     SHUTTING_DOWN = "shutting_down"
+    MODEL_UNAVAILABLE = "model_unavailable"  # a remote model whose endpoint does not answer
 
 
 class Refused(Exception):
@@ -86,6 +96,7 @@ class Runtime:
     state: RuntimeState = RuntimeState.LOADING
     load_error: str = ""
     started_at: float = field(default_factory=time.time)  # the OpenAI API's model "created"
+    remotes: dict[str, RemoteEngine] = field(default_factory=dict)  # by model id
     _embedder: Embedder | None = field(default=None, init=False, repr=False)
     _embedder_lock: Any = field(default_factory=handoff.native_lock, init=False, repr=False)
 
@@ -97,13 +108,77 @@ class Runtime:
         self.state = RuntimeState.FAILED
         self.load_error = message
 
-    def check_open(self) -> None:
-        """Raise Refused unless the server takes work now: in maintenance mode, while the
-        model loads, when it failed to load."""
+    def attach_remote(self, remote: RemoteEngine) -> None:
+        self.remotes[remote.name] = remote
+
+    # -- the models served ---------------------------------------------------------------
+
+    @property
+    def local_model_id(self) -> str | None:
+        """The local model's id; None when ``modelName`` is empty (remote models only)."""
+        return model_id(self.settings) if self.settings["modelName"] else None
+
+    @property
+    def default_model_id(self) -> str:
+        """The model of a request that names none: the local one, else the first remote."""
+        return self.local_model_id or next(iter(self.remotes), "")
+
+    def model_ids(self) -> list[str]:
+        """Every served model's id, the default first."""
+        local = [self.local_model_id] if self.local_model_id else []
+        return local + [name for name in self.remotes if name not in local]
+
+    def resolve_model(self, name: str | None) -> str:
+        """The id of the model ``name`` means (an id, a local alias; None: the default)."""
+        if name is None:
+            return self.default_model_id
+        if name in self.remotes:
+            return name
+        local = self.local_model_id
+        if local and (name == local or name in self.settings["modelAliases"]):
+            return local
+        raise UnknownModel(name, self.model_ids())
+
+    def model_statuses(self) -> list[ModelStatus]:
+        """Each model's state and load, in ``model_ids()`` order; no network."""
+        statuses = [self.remotes[name].status() if name in self.remotes else self._local_status()
+                    for name in self.model_ids()]
+        return statuses
+
+    def _local_status(self) -> ModelStatus:
+        engine = self.engine
+        load = engine.load() if engine else {"slots": self.settings["parallelSlots"],
+                                             "busy": 0, "waiting": 0}
+        state = {RuntimeState.LOADING: ModelState.LOADING, RuntimeState.READY: ModelState.READY,
+                 RuntimeState.FAILED: ModelState.FAILED}[self.state]
+        return ModelStatus(id=self.local_model_id or "", kind=LOCAL, state=state,
+                           detail=self.load_error if state == ModelState.FAILED else
+                           "loading" if state == ModelState.LOADING else "",
+                           busy=load["busy"], waiting=load["waiting"], capacity=load["slots"],
+                           cached_prompt_tokens=getattr(engine, "cached_prompt_tokens", 0),
+                           upstream_errors=0)
+
+    def engines(self) -> list[ModelEngine]:
+        """Every engine running now, the local one first: for shutdown."""
+        return ([self.engine] if self.engine else []) + list(self.remotes.values())
+
+    # -- the one door --------------------------------------------------------------------
+
+    def check_open(self, model: str | None = None) -> None:
+        """Raise Refused unless the server takes work for ``model`` (an id; None: the
+        default) now: in maintenance mode, while the model loads, when it failed to load,
+        when a remote model's endpoint does not answer."""
         settings = self.settings
         if settings["maintenanceMode"]:
             raise Refused(Refusal.MAINTENANCE, settings["maintenanceMessage"],
                           MAINTENANCE_RETRY_AFTER)
+        model = model or self.default_model_id
+        remote = self.remotes.get(model)
+        if remote is not None:
+            if remote.state == ModelState.UNAVAILABLE:
+                raise Refused(Refusal.MODEL_UNAVAILABLE, unavailable_message(model),
+                              LOADING_RETRY_AFTER)
+            return
         if self.engine is None:
             if self.state == RuntimeState.FAILED:
                 raise Refused(Refusal.LOAD_FAILED, "The model failed to load.",
@@ -112,10 +187,16 @@ class Runtime:
                                            "seconds.", LOADING_RETRY_AFTER)
 
     def submit(self, request: ChatRequest) -> Generation:
-        """Queue ``request`` on the engine, or raise Refused at once (never a wait)."""
-        self.check_open()
+        """Queue ``request`` on its model's engine, or raise Refused at once (never a wait);
+        UnknownModel for a model nobody serves."""
+        model = self.resolve_model(request.model)
+        self.check_open(model)
+        engine: ModelEngine = self.remotes.get(model) or self.engine
         try:
-            return self.engine.submit(request)
+            return engine.submit(request)
+        except EndpointUnavailable:
+            raise Refused(Refusal.MODEL_UNAVAILABLE, unavailable_message(model),
+                          LOADING_RETRY_AFTER) from None
         except ClientQueueFull as full:
             raise Refused(Refusal.CLIENT_QUEUE_FULL,
                           f"You already have {full.per_client} requests waiting for a reply; "
@@ -130,7 +211,7 @@ class Runtime:
         """The model's embedder (``tanglebox.embeddings``), made at the first call, one per
         engine; raises Refused as ``check_open`` does. It is closed with the engine: stopping
         the engine closes the backend and with it the embeddings context."""
-        self.check_open()
+        self.check_open(self.local_model_id)
         from tanglebox.embeddings import Embedder  # it imports this module (Refused)
         with self._embedder_lock:  # no wait inside: safe in a greenlet too
             if self._embedder is None or self._embedder.backend is not self.engine.backend:
@@ -144,11 +225,15 @@ class Runtime:
 
     @property
     def model_name(self) -> str:
-        return self.engine.backend.model_name if self.engine else self.settings["modelName"]
+        if self.engine:
+            return self.engine.backend.model_name
+        return self.settings["modelName"] or self.default_model_id
 
     @property
     def device(self) -> str:
-        return self.engine.backend.device if self.engine else self.settings["device"]
+        if self.engine:
+            return self.engine.backend.device
+        return self.settings["device"] if self.settings["modelName"] else "remote"
 
 
 def current_runtime() -> Runtime:

