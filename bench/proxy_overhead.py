@@ -53,7 +53,7 @@ from bench.servers import (ServerProcess, llama_server_libraries, start_front_ta
                            start_llama_server, start_tanglebox)
 
 CONTEXT_LENGTH = 1024  # tokens per slot of the upstream
-UPSTREAM_TIMEOUT = 300.0  # the front's timeoutSeconds for the upstream
+UPSTREAM_TIMEOUT = 300  # the front's timeoutSeconds for the upstream
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -92,7 +92,7 @@ def start_tanglebox(model: Path, slots: int, context_length: int, folder: Path,
 
 
 def start_front_tanglebox(upstream_base_url: str, upstream_model: str, slots: int,
-                          timeout_seconds: float, folder: Path,
+                          timeout_seconds: int, folder: Path,
                           max_tokens: int) -> ServerProcess:
     """A Tanglebox with no local model whose one model is a remote OpenAI-compatible endpoint
     (``remoteEndpoints``, issue 16): every reply it serves is proxied to ``upstream_base_url``

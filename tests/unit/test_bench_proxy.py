@@ -10,6 +10,7 @@ import pytest
 from bench import servers
 from bench.machine import cpu_model
 from bench.report import Row, Run, proxy_overhead, summarize
+from tanglebox.settings import load_settings
 
 NAN = float("nan")
 
@@ -81,12 +82,14 @@ def test_the_front_serves_only_the_upstream_as_a_remote_endpoint(monkeypatch, tm
 
     monkeypatch.setattr(servers, "ServerProcess", _Recorded)
     monkeypatch.setenv("TANGLEBOX_MODEL_NAME", "/models/other.gguf")
-    servers.start_front_tanglebox("http://127.0.0.1:8081/v1", "smollm2.gguf", 8, 300.0,
+    servers.start_front_tanglebox("http://127.0.0.1:8081/v1", "smollm2.gguf", 8, 300,
                                   tmp_path, 128)
     settings_path = Path(started["command"][started["command"].index("--settings") + 1])
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
     assert settings["modelName"] == ""
     assert settings["remoteEndpoints"] == [
         {"name": "upstream", "baseUrl": "http://127.0.0.1:8081/v1", "model": "smollm2.gguf",
-         "maxConcurrent": 8, "timeoutSeconds": 300.0}]
+         "maxConcurrent": 8, "timeoutSeconds": 300}]
     assert "TANGLEBOX_MODEL_NAME" not in started["env"]  # nothing from the environment
+    loaded = load_settings(settings_path, environ={}, write_missing=False)  # the server takes it
+    assert loaded.values["remoteEndpoints"][0]["baseUrl"] == "http://127.0.0.1:8081/v1"
