@@ -1,8 +1,8 @@
 """Proxy overhead: K clients through a front Tanglebox whose one model is a remote endpoint,
 against the same upstream hit directly, in one run.
 
-``python -m bench.proxy_overhead --llama-server PATH [--same-libs] [--clients 1,8]
-[--rounds 4] [--max-tokens 128] [--surfaces openai,rest] [--json FILE]``, or
+``python -m bench.proxy_overhead --llama-server PATH [--upstream-threads N] [--same-libs]
+[--clients 1,8] [--rounds 4] [--max-tokens 128] [--surfaces openai,rest] [--json FILE]``, or
 ``--upstream tanglebox`` for a second Tanglebox (with the model) as the upstream; from the
 repository root.
 
@@ -66,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "which needs --llama-server)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
                         help="llama.cpp's llama-server binary")
+    parser.add_argument("--upstream-threads", type=int, metavar="N",
+                        help="llama-server's -t and -tb (default: every usable CPU); fewer leave "
+                             "CPU to the front on a small machine, for both contestants alike")
     parser.add_argument("--same-libs", action="store_true",
                         help="start llama-server on llama-cpp-python's libllama/libggml")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
@@ -95,7 +98,8 @@ def machine_lines(model_name: str, args: argparse.Namespace, loads: list[tuple],
     return [f"machine: {cpu_model() or platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs ({cpu_threads()} usable), Python "
             f"{platform.python_version()}; model {model_name}; {args.max_tokens} tokens per "
-            f"reply at temperature 0; {args.rounds} rounds; upstream {args.upstream}",
+            f"reply at temperature 0; {args.rounds} rounds; upstream {args.upstream}"
+            + (f" on {args.upstream_threads} threads" if args.upstream_threads else ""),
             f"load average (1, 5, 15 min) before the rounds {before}, after {after}; other "
             f"processes used {100 * other_load:.0f} % of the CPU time during the rounds"]
 
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, int], list[Run]] = {}
     libraries = ""
     try:
-        upstream = start_upstream(args, model_path, max(ks), tokenizer.threads, folder)
+        upstream = start_upstream(args, model_path, max(ks),
+                                  args.upstream_threads or tokenizer.threads, folder)
         servers.append(upstream)
         if args.upstream == "llama-server":
             libraries = llama_server_libraries(upstream)
