@@ -51,6 +51,7 @@ class ErrorCode(StrEnum):
     SHUTDOWN = "shutdown"
     GRAMMAR = "grammar"  # the request's grammar (response_format) cannot be used
     UPSTREAM = "upstream"  # a remote model's server failed, answered an error, or was unreadable
+    UNAVAILABLE = "unavailable"  # a remote model's server could not be reached: try again later
 
 
 @dataclass(frozen=True)

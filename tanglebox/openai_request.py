@@ -50,6 +50,7 @@ class Capabilities:
     grammar: bool  # grammar-constrained sampling (response_format JSON)
     vocabulary_size: int  # token ids in logit_bias must be below it
     backend: str  # named in the error when a feature needs another backend
+    logprobs: bool = True  # log probabilities of the tokens (not from a remote model)
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,8 @@ def _sampled_request(body: Mapping[str, Any], limits: Limits, can: Capabilities,
     n = body.get("n")
     if n is not None and n != 1 or isinstance(n, bool):
         raise RequestError("n", f"only 1 is supported (one reply per request), got {shown(n)}")
+    if top_logprobs is not None and not can.logprobs:
+        raise RequestError("logprobs", f"log probabilities are not available from {can.backend}")
     defaults = SamplingOptions()
     sampling = SamplingOptions(
         top_p=_optional(body, "top_p", parse_top_p, defaults.top_p),

@@ -10,8 +10,8 @@ Flow of a request::
       POST {baseUrl}/chat/completions (a raw prompt: /completions), stream=true with usage;
       each ``data:`` chunk's text is a Delta at once; the last chunk's usage gives the counts;
       the end is Done(finish reason, text, counts, timings), or Error(upstream) when the
-      upstream failed (before any text: the adapters answer 502), or Done(cancelled/timeout)
-      with the text so far
+      upstream failed (before any text: the adapters answer 502; Error(unavailable), 503,
+      when it could not be reached), or Done(cancelled/timeout) with the text so far
 
 The upstream renders its own chat template: the request's messages go as they are (system
 prompt first), and no conversation template applies. Network I/O runs in greenlets under
@@ -189,7 +189,9 @@ class RemoteEngine:
         log.warning("remote %s: %s", self.name, err.detail)
         if err.connect or err.bad_key:
             self._mark(ModelState.UNAVAILABLE, err.detail)
-        generation._emit(Error(ErrorCode.UPSTREAM, user_message(self.name, err, reply.text)))
+        unreachable = err.connect and not err.timed_out and not reply.text
+        generation._emit(Error(ErrorCode.UNAVAILABLE if unreachable else ErrorCode.UPSTREAM,
+                               user_message(self.name, err, reply.text)))
 
     def _close_stream(self, generation: Generation) -> None:
         with self._lock:

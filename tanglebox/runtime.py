@@ -33,6 +33,7 @@ from flask import current_app
 
 from tanglebox import handoff
 from tanglebox.chat_request import ChatRequest, Limits
+from tanglebox.client_json import RequestError, shown
 from tanglebox.engine import ClientQueueFull, Engine, EngineStopped, QueueFull
 from tanglebox.generation import SHUTTING_DOWN, Generation
 from tanglebox.model_location import model_id
@@ -138,6 +139,24 @@ class Runtime:
         if local and (name == local or name in self.settings["modelAliases"]):
             return local
         raise UnknownModel(name, self.model_ids())
+
+    def known_model(self, name: object) -> str | None:
+        """The id ``name`` resolves to, or None (the default) for anything else."""
+        try:
+            return self.resolve_model(name) if isinstance(name, str) else None
+        except UnknownModel:
+            return None
+
+    def chosen_model(self, value: object, param: str = "model") -> str | None:
+        """A client's choice of model (REST's ``model``, the original socket's
+        ``#-set-model-#``): its id, None when absent; a RequestError naming ``param`` and
+        listing the ids otherwise."""
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and self.known_model(value):
+            return self.known_model(value)
+        raise RequestError(param, f"must be the id of a served model, one of: "
+                                  f"{', '.join(self.model_ids())}; got {shown(value)}")
 
     def model_statuses(self) -> list[ModelStatus]:
         """Each model's state and load, in ``model_ids()`` order; no network."""

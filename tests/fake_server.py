@@ -7,7 +7,7 @@ import sys
 
 from tanglebox.engine import engine_from_settings
 from tanglebox.runtime import Runtime
-from tanglebox.serving import TangleboxServer, configure_logging
+from tanglebox.serving import TangleboxServer, configure_logging, start_remotes
 from tanglebox.settings import load_settings
 from tests.fake_backend import FakeBackend
 
@@ -21,8 +21,10 @@ class FakeServer(TangleboxServer):
         from tanglebox.web import create_app
         configure_logging(self.settings)
         runtime = Runtime(self.settings)
-        runtime.attach_engine(engine_from_settings(self.settings,
-                                                   FakeBackend(**self.fake_options)))
+        if self.settings["modelName"]:
+            runtime.attach_engine(engine_from_settings(self.settings,
+                                                       FakeBackend(**self.fake_options)))
+        start_remotes(runtime)  # remoteEndpoints, as in production
         return create_app(self.settings, runtime)
 
 

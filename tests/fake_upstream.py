@@ -14,9 +14,13 @@ Use::
             # "error_chunk" the first piece, then ``data: {"error": ...}`` (as Tanglebox does)
             # "die"         the first ``die_after`` pieces (default 1), then close the socket
             # "stall"       the first ``stall_after`` pieces (default 0), then send nothing
-            #               until ``release`` is set or the client goes away
+            #               until ``release`` is set (then the rest, as "ok") or the
+            #               client goes away
         upstream.status = 500                           # for mode "status"
         upstream.delay = 0.0                            # seconds between two pieces
+        upstream.close_idle = False                     # True: close each connection after its
+                                                        # reply without saying so (a keep-alive
+                                                        # timeout passed upstream)
         upstream.down() / upstream.up()                 # close the port (connection refused),
                                                         # open it again on the same port
         upstream.requests                               # each POST's JSON body, in order
@@ -54,6 +58,7 @@ class FakeUpstream:
         self.mode = "ok"
         self.status = 500
         self.delay = 0.0
+        self.close_idle = False
         self.die_after = 1
         self.stall_after = 0
         self.release = threading.Event()
@@ -148,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
             while not up.release.is_set():
                 if self._gone_within(POLL_SECONDS):
                     return
+            for piece in up.pieces[count:]:
+                self._event(json.dumps(self._chunk(piece, None)))
         if up.mode == "error_chunk":
             self._event(json.dumps({"error": {"message": "the model failed"}}))
             self._end_chunks()
@@ -158,6 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
                                     "choices": [], "usage": up.usage}))
         self._event("[DONE]")
         self._end_chunks()
+        if up.close_idle:
+            self.close_connection = True
 
     def _chunk(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text is not None else {}

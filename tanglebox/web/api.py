@@ -10,7 +10,7 @@ The flow of one request, each step refusing with a clear 4xx/503 before any work
    (``Runtime.check_open``): maintenance mode, a model still loading or failed to load, each
    a 503 + Retry-After;
 3. validation, shared with every other adapter (:func:`build_chat_request`): 400 naming the
-   parameter;
+   parameter; the optional ``model`` must be a served model's id (``Runtime.chosen_model``);
 4. ``runtime.submit``: 503 + Retry-After at once when the queue is full (or the server is
    shutting down); a ``Refused`` becomes its HTTP answer in ``tanglebox.web``;
 5. the first event is awaited *before* a status line is sent, so a prompt longer than the
@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from typing import Any, Mapping, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, request
-from werkzeug.exceptions import (InternalServerError, RequestEntityTooLarge, ServiceUnavailable,
-                                 UnsupportedMediaType)
+from werkzeug.exceptions import (BadGateway, InternalServerError, RequestEntityTooLarge,
+                                 ServiceUnavailable, UnsupportedMediaType)
 
 from tanglebox.chat_request import ChatRequest, RequestError, build_chat_request, parse_bool
 from tanglebox.client_json import decode_json
 from tanglebox.generation import Delta, Done, Error, ErrorCode, Event, FinishReason
-from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Runtime, current_runtime
+from tanglebox.runtime import (LOADING_RETRY_AFTER, SHUTDOWN_RETRY_AFTER, Runtime,
+                               current_runtime)
 from tanglebox.web.auth import FORM_TYPES, require_api_enabled, require_token
 from tanglebox.web.http_relay import (CLIENT_CLOSED_REQUEST, StreamCut, final_event,
                                       first_event, streamed)
@@ -63,7 +65,7 @@ def conversation() -> Response:
     params, from_json = read_parameters()
     require_token()
     runtime = current_runtime()
-    runtime.check_open()
+    runtime.check_open(runtime.known_model(params.get("model")))
     chat_request, stream = parse_request(params, from_json, runtime)
     reply_type = request.accept_mimetypes.best_match([PLAIN, JSON, EVENT_STREAM]) or PLAIN
     first, events = first_event(runtime.submit(chat_request))
@@ -71,7 +73,7 @@ def conversation() -> Response:
         return Response(status=CLIENT_CLOSED_REQUEST)
     if isinstance(first, Error):
         refuse(first)
-    model = runtime.model_name
+    model = chat_request.model if chat_request.model in runtime.remotes else runtime.model_name
     if reply_type == EVENT_STREAM:
         return streamed(first, events, functools.partial(render_sse, model=model),
                         EVENT_STREAM)
@@ -153,6 +155,7 @@ def parse_request(params: Mapping[str, Any], from_json: bool,
         chat_request = build_chat_request(params, runtime.limits(),
                                           client_id=request.remote_addr or "",
                                           from_json=from_json)
+        chat_request = replace(chat_request, model=runtime.chosen_model(params.get("model")))
         stream = params.get("shouldStreamResponse")
         stream = False if stream is None or stream == "" else parse_bool(
             stream, "shouldStreamResponse")
@@ -169,6 +172,10 @@ def refuse(error: Error) -> NoReturn:
         abort(400, description=f"userPrompt + conversationHistory: {error.message}")
     if error.code == ErrorCode.SHUTDOWN:
         raise ServiceUnavailable(error.message, retry_after=SHUTDOWN_RETRY_AFTER)
+    if error.code == ErrorCode.UPSTREAM:  # a remote model's server failed
+        raise BadGateway(error.message)
+    if error.code == ErrorCode.UNAVAILABLE:
+        raise ServiceUnavailable(error.message, retry_after=LOADING_RETRY_AFTER)
     raise InternalServerError(error.message)
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible API under ``/v1``: a thin adapter on the one engine, like every surface.
 
-- ``GET /v1/models``, ``GET /v1/models/<id>``: the served model (its id, from ``modelId`` or the
-  model's name) and its aliases (``modelAliases``);
+- ``GET /v1/models``, ``GET /v1/models/<id>``: the served models: the local one (its id, from
+  ``modelId`` or the model's name; its aliases, ``modelAliases``, are accepted too) and each
+  remote one (``remoteEndpoints``, by ``name``); ``model`` chooses among them;
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: streamed (SSE ``data:`` chunks, then
   ``data: [DONE]``) or not;
 - ``POST /v1/embeddings``: on the model's own weights (:mod:`tanglebox.embeddings`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import functools
+from dataclasses import replace
 from typing import Any, Callable, NoReturn
 
 import numpy as np
@@ -37,11 +39,12 @@ from tanglebox.client_json import decode_json, shown
 from tanglebox.embeddings import EmbeddingsUnsupported
 from tanglebox.generation import (ENDED_EARLY, Delta, Done, Error, ErrorCode, Event,
                                   FinishReason)
-from tanglebox.model_location import model_id
 from tanglebox.openai_request import (Capabilities, OpenAIRequest, parse_chat_completion,
                                       parse_completion, parse_embedding_input,
                                       parse_encoding_format, parse_model)
-from tanglebox.runtime import SHUTDOWN_RETRY_AFTER, Refused, Runtime, current_runtime
+from tanglebox.runtime import (LOADING_RETRY_AFTER, SHUTDOWN_RETRY_AFTER, Refused, Runtime,
+                               current_runtime)
+from tanglebox.served_models import UnknownModel
 from tanglebox.web import openai_wire as wire
 from tanglebox.web.auth import require_api_enabled, require_token
 from tanglebox.web.cors import add_cors_headers, options_response, refuse_cross_site_browsers
@@ -71,13 +74,14 @@ def admit() -> Response | None:
 @blueprint.get("/models")
 def list_models() -> Response:
     runtime = current_runtime()
-    return jsonify({"object": "list", "data": [model_object(runtime, model_id(runtime.settings))]})
+    return jsonify({"object": "list",
+                    "data": [model_object(runtime, name) for name in runtime.model_ids()]})
 
 
 @blueprint.get("/models/<path:name>")
 def get_model(name: str) -> Response:
     runtime = current_runtime()
-    served_model(runtime, name)  # 404 unless it is the model's id or an alias
+    served_model(runtime, name)  # 404 unless it is a model's id or an alias
     return jsonify(model_object(runtime, name))
 
 
@@ -87,14 +91,15 @@ def model_object(runtime: Runtime, name: str) -> dict[str, Any]:
 
 
 def served_model(runtime: Runtime, name: str | None) -> str:
-    """The served model's id for ``name`` (its id or an alias; None: the default), else 404."""
-    served = model_id(runtime.settings)
-    if name is None or name == served or name in runtime.settings["modelAliases"]:
-        return served
-    names = ", ".join([served, *runtime.settings["modelAliases"]])
-    raise wire.OpenAIError(404, f"The model {shown(name)} does not exist on this server; "
-                                f"use one of: {names} (GET /v1/models lists them).",
-                           param="model", code="model_not_found")
+    """The id of the served model ``name`` means (an id or an alias; None: the default),
+    else 404."""
+    try:
+        return runtime.resolve_model(name)
+    except UnknownModel as unknown:
+        names = ", ".join([*unknown.available, *runtime.settings["modelAliases"]])
+        raise wire.OpenAIError(404, f"The model {shown(name)} does not exist on this server; "
+                                    f"use one of: {names} (GET /v1/models lists them).",
+                               param="model", code="model_not_found") from None
 
 
 # -- chat completions and completions --------------------------------------------------------
@@ -113,20 +118,20 @@ def complete(parse: Callable[..., OpenAIRequest], stream_type: type,
              reply: Callable[[wire.ReplyHead, Done, OpenAIRequest], dict]) -> Response:
     body = json_body()
     runtime = current_runtime()
-    runtime.check_open()
+    runtime.check_open(runtime.known_model(body.get("model")))
     try:
-        parsed = parse(body, runtime.limits(), capabilities(runtime),
+        parsed = parse(body, runtime.limits(), capabilities(runtime, runtime.known_model(body.get("model"))),
                        client_id=request.remote_addr or "")
     except RequestError as err:
         invalid(err)
     model = served_model(runtime, parsed.model)
-    first, events = first_event(runtime.submit(parsed.chat))
+    first, events = first_event(runtime.submit(replace(parsed.chat, model=model)))
     if first is None:
         return Response(status=CLIENT_CLOSED_REQUEST)
     if isinstance(first, Error):
         refuse(first)
     head_of = functools.partial(wire.ReplyHead, model=model,
-                                fingerprint=system_fingerprint(runtime))
+                                fingerprint=system_fingerprint(runtime, model))
     if parsed.stream:
         return streamed(first, events, stream_type(head_of, parsed), EVENT_STREAM)
     done = final_event(first, events)
@@ -229,9 +234,13 @@ def cut_stream(event: Error | Done) -> str:
 def embeddings() -> Response:
     body = json_body()
     runtime = current_runtime()
-    runtime.check_open()
+    runtime.check_open(runtime.local_model_id)
     try:
         model = served_model(runtime, parse_model(body.get("model")))
+        if model != runtime.local_model_id:
+            raise wire.OpenAIError(400, f"The model {model} is a remote model; embeddings are "
+                                        "made by the local model only.", param="model",
+                                   code="model_cannot_embed")
         texts = parse_embedding_input(body.get("input"))
         encoding = parse_encoding_format(body.get("encoding_format"))
         result = runtime.embedder().embed(texts)
@@ -299,19 +308,32 @@ def refuse(error: Error) -> NoReturn:
     if error.code == ErrorCode.SHUTDOWN:
         raise wire.OpenAIError(503, error.message, code="shutdown",
                                retry_after=SHUTDOWN_RETRY_AFTER)
+    if error.code == ErrorCode.UPSTREAM:  # a remote model's server failed: not ours, not yours
+        raise wire.OpenAIError(502, error.message, code="upstream_error")
+    if error.code == ErrorCode.UNAVAILABLE:
+        raise wire.OpenAIError(503, error.message, code="model_unavailable",
+                               retry_after=LOADING_RETRY_AFTER)
     raise wire.OpenAIError(500, error.message, code=str(error.code))
 
 
-def capabilities(runtime: Runtime) -> Capabilities:
+def capabilities(runtime: Runtime, model: str | None = None) -> Capabilities:
+    """What ``model`` (None: the default) can do; a remote model: what is passed on as is."""
+    remote = runtime.remotes.get(model or runtime.default_model_id)
+    if remote is not None:
+        return Capabilities(grammar=False, vocabulary_size=2 ** 31 - 1,
+                            backend=f"the remote model {remote.name}", logprobs=False)
     backend = runtime.engine.backend
     return Capabilities(grammar=bool(getattr(backend, "supports_grammar", False)),
                         vocabulary_size=getattr(backend, "vocabulary_size", 2 ** 31 - 1),
                         backend=backend.name)
 
 
-def system_fingerprint(runtime: Runtime) -> str:
+def system_fingerprint(runtime: Runtime, model: str) -> str:
+    remote = runtime.remotes.get(model)
+    if remote is not None:
+        return wire.fingerprint(model, "remote", remote.upstream.base_url, 0, "upstream")
     backend = runtime.engine.backend
-    return wire.fingerprint(model_id(runtime.settings), backend.name, backend.device,
+    return wire.fingerprint(model, backend.name, backend.device,
                             backend.context_length, runtime.settings["conversationTemplate"])
 
 

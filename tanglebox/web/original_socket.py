@@ -21,6 +21,8 @@ Conversation, one message at a time, answered in the order received::
     #-set-temp-#0.3           →    #-set-#           a bad value: one "Error: ..." message
     #-set-max-tokens-#200     →    #-set-#           saying what to send; the setting is
     #-set-streaming-#false    →    #-set-#           unchanged and the socket stays open
+    #-set-model-#<id>         →    #-set-#           ours: this socket's model (an id of
+                                                      /v1/models; bare: the default again)
     #-get-config-#            →    #-model-name-#…  #-device-name-#…
                                    #-max-new-tokens-#…  #-temperature-#…  (this socket's)
     #-delete-#                →    #-delete-#        after the conversation is forgotten
@@ -89,8 +91,9 @@ GET_CONFIG = "#-get-config-#"
 DELETE = "#-delete-#"
 PING = "#-ping-#"
 TOKEN = "#-token-#"  # ours: the original's socket had no tokens
+SET_MODEL = "#-set-model-#"  # ours: the original served one model
 CONTROL_TOKENS = (SET_TEMPERATURE, SET_MAX_TOKENS, SET_STREAMING, GET_CONFIG, DELETE, PING,
-                  TOKEN)
+                  TOKEN, SET_MODEL)
 
 # Server → client.
 SET_ACK = "#-set-#"
@@ -123,6 +126,7 @@ class SocketState:
     max_new_tokens_limit: int
     streaming: bool = True  # the original streamed unless told otherwise
     history: list[Message] = field(default_factory=list)
+    model: str | None = None  # #-set-model-#; None: the server's default model
 
     @classmethod
     def from_limits(cls, limits: Limits) -> "SocketState":
@@ -164,7 +168,9 @@ def setting_hint(token: str, state: SocketState) -> str:
 
 def config_messages(state: SocketState, runtime: Runtime) -> list[str]:
     """The four answers to ``#-get-config-#``, in the original's order."""
-    return [MODEL_NAME + runtime.model_name, DEVICE_NAME + runtime.device,
+    remote = state.model in runtime.remotes
+    return [MODEL_NAME + (state.model if remote else runtime.model_name),
+            DEVICE_NAME + ("remote" if remote else runtime.device),
             MAX_NEW_TOKENS + str(state.max_new_tokens),
             TEMPERATURE + str(float(state.temperature))]
 
@@ -240,6 +246,13 @@ def answer(ws: Server, runtime: Runtime, state: SocketState, message: str,
             send(ws, f"Error: {err}; {setting_hint(control.token, state)}")
         else:
             send(ws, SET_ACK)
+    elif control.token == SET_MODEL:
+        try:
+            state.model = runtime.chosen_model(control.value.strip())
+        except RequestError as err:
+            send(ws, f"Error: {err}; send {SET_MODEL}<id>")
+        else:
+            send(ws, SET_ACK)
     elif control.token == GET_CONFIG:
         for reply in config_messages(state, runtime):
             send(ws, reply)
@@ -287,12 +300,12 @@ def answer_prompt(ws: Server, runtime: Runtime, state: SocketState, prompt: str,
 def submit_prompt(runtime: Runtime, state: SocketState, prompt: str,
                   client_id: str) -> Generation:
     """Raises Refused, or RequestError for an empty prompt (the server's state first)."""
-    runtime.check_open()
+    runtime.check_open(state.model)
     text = parse_user_prompt(prompt, param="prompt")
     return runtime.submit(ChatRequest(
         messages=(*state.history, Message(USER, text)), system_prompt="",
         temperature=state.temperature, max_new_tokens=state.max_new_tokens,
-        client_id=client_id))
+        client_id=client_id, model=state.model))
 
 
 def relay_reply(ws: Server, generation: Generation, streaming: bool) -> Done | Error:
