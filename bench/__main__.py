@@ -45,35 +45,19 @@ import os
 import platform
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from bench import clients as bench_clients
+from bench.clients import SURFACE_NAMES, SURFACES
+from bench.contest import Prompts, add_contest_arguments, chosen_surfaces, run_clients
 from bench.direct import DirectModel, cpu_threads
+from bench.machine import OtherLoad
 from bench.report import Run, goals, markdown_table, ms, percentile, summarize
 from bench.rounds import in_round_order
 from bench.servers import llama_server_libraries, start_llama_server, start_tanglebox
 
-TOPICS = ("a dragon who learns to bake bread", "a lighthouse keeper and a storm",
-          "a robot that wants to paint", "a city under the sea", "a forest that sings",
-          "a clockmaker's last clock", "a ship lost in the fog", "a library on the moon")
 CONTEXT_LENGTH = 1024
-
-
-class Prompts:
-    """Numbered, so every request in the whole benchmark is a different prompt."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def take(self, k: int) -> list[str]:
-        with self._lock:
-            start, self._count = self._count, self._count + k
-        return [f"Story {start + i}: write a long story about {TOPICS[(start + i) % len(TOPICS)]}."
-                for i in range(k)]
 
 
 # -- contestants -------------------------------------------------------------------------------
@@ -99,121 +83,12 @@ def run_direct(model: DirectModel, render, prompts: list[str], max_tokens: int) 
     return run
 
 
-def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
-                probes: list[bench_clients.Probe]) -> Run:
-    """K clients send at the same moment; probes run while they stream."""
-    run = Run(contestant, len(prompts))
-    clients = [make_client() for _ in prompts]
-    for client in clients:
-        client.prepare()
-    replies: list[bench_clients.Reply | None] = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts) + 1)
-
-    def talk(index: int) -> None:
-        barrier.wait()
-        try:
-            replies[index] = clients[index].send(prompts[index])
-        except Exception as err:  # noqa: BLE001 - a failed client is reported, not fatal
-            replies[index] = bench_clients.Reply(error=f"{type(err).__name__}: {err}")
-
-    threads = [threading.Thread(target=talk, args=(i,), daemon=True) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for probe in probes:
-        probe.start()
-    barrier.wait()
-    for thread in threads:
-        thread.join(bench_clients.REPLY_TIMEOUT)
-    for probe in probes:
-        latencies = probe.stop()
-        if probe is probes[0]:
-            run.health = latencies
-        else:
-            run.ping = latencies
-        if probe.errors:
-            run.errors.append(f"{probe.errors} probe errors")
-    for client in clients:
-        client.close()
-    sent = [r.sent_at for r in replies if r and r.sent_at]
-    ends = []
-    for reply in replies:
-        if reply is None or reply.error or not reply.chunk_times:
-            run.errors.append(reply.error if reply and reply.error else "no reply")
-            continue
-        run.ttft.append(reply.chunk_times[0] - reply.sent_at)
-        count = count_tokens(reply.text)
-        run.tokens += count
-        if count > 1:
-            run.itl.append((reply.chunk_times[-1] - reply.chunk_times[0]) / (count - 1))
-        ends.append(reply.chunk_times[-1])
-    run.seconds = (max(ends) - min(sent)) if ends else float("nan")
-    return run
-
-
-# -- how busy the rest of the machine was -----------------------------------------------------
-
-class OtherLoad:
-    """CPU time the rest of the machine used while the benchmark ran, as a fraction of all CPU
-    time: the benchmark shares its machine, and this says how much the numbers were disturbed."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.start = (time.monotonic(), _machine_busy_ticks(), self._own_ticks())
-
-    def fraction(self) -> float:
-        started, busy, own = self.start
-        elapsed_ticks = (time.monotonic() - started) * os.sysconf("SC_CLK_TCK") * (
-            os.cpu_count() or 1)
-        other = (_machine_busy_ticks() - busy) - (self._own_ticks() - own)
-        return max(0.0, other / elapsed_ticks) if elapsed_ticks else 0.0
-
-    def _own_ticks(self) -> int:
-        return sum(_process_ticks(pid) for pid in _with_descendants(self.pids))
-
-
-def _machine_busy_ticks() -> int:
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-
-def _process_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(v) for v in fields[11:15])  # utime, stime, and of waited-for children
-
-
-def _with_descendants(pids: list[int]) -> set[int]:
-    found, todo = set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as children:
-                    todo += [int(c) for c in children.read().split()]
-        except OSError:
-            pass
-    return found
-
-
 # -- main --------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="1,4,8",
-                        help="comma-separated numbers of concurrent clients (default 1,4,8)")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
-    parser.add_argument("--surfaces", default="original,rest,ui",
-                        help="Tanglebox surfaces to drive: original, rest, ui, openai "
-                             "(default original,rest,ui)")
+    add_contest_arguments(parser, clients="1,4,8", rounds=3, surfaces="original,rest,ui")
     parser.add_argument("--url", help="a running Tanglebox server (default: start one)")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--llama-server", type=Path, metavar="PATH",
@@ -242,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = (args.model or embedded_model_path()).resolve()
     ks = [int(k) for k in args.clients.split(",")]
-    surfaces = [s.strip() for s in args.surfaces.split(",") if s.strip()]
-    unknown = set(surfaces) - set(SURFACES)
-    if unknown:
-        print(f"bench: unknown surface {', '.join(sorted(unknown))}; choose from "
-              f"{', '.join(SURFACES)}", file=sys.stderr)
+    try:
+        surfaces = chosen_surfaces(args.surfaces)
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
         return 2
     folder = Path(tempfile.mkdtemp(prefix="tanglebox-bench-"))
     model = DirectModel(model_path)
@@ -348,15 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SURFACES = {
-    "original": lambda url, ws_url, max_tokens: bench_clients.OriginalSocketClient(ws_url,
-                                                                                   max_tokens),
-    "rest": lambda url, ws_url, max_tokens: bench_clients.RestStreamClient(url, max_tokens),
-    "ui": lambda url, ws_url, max_tokens: bench_clients.UiSocketClient(ws_url, max_tokens),
-    "openai": lambda url, ws_url, max_tokens: bench_clients.OpenAIChatClient(url, max_tokens),
-}
-SURFACE_NAMES = {"original": "original socket", "rest": "REST stream", "ui": "UI socket",
-                 "openai": "OpenAI chat stream"}
 # llama-server's contestant name for each of its endpoints the benchmark can drive
 LLAMA_SERVER_APIS = {"completion": "llama-server", "chat": "llama-server OpenAI chat stream"}
 

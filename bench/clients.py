@@ -435,3 +435,15 @@ def ping_probe(ws_url: str, interval: float) -> Probe:
             raise RuntimeError("no pong")
 
     return Probe(answer_once, interval, close=ws.close)
+
+
+# The Tanglebox surfaces a benchmark can drive: a client for one reply, from the server's http
+# and ws URLs and the reply's length in tokens; and each one's name in the reports.
+SURFACES = {
+    "original": lambda url, ws_url, max_tokens: OriginalSocketClient(ws_url, max_tokens),
+    "rest": lambda url, ws_url, max_tokens: RestStreamClient(url, max_tokens),
+    "ui": lambda url, ws_url, max_tokens: UiSocketClient(ws_url, max_tokens),
+    "openai": lambda url, ws_url, max_tokens: OpenAIChatClient(url, max_tokens),
+}
+SURFACE_NAMES = {"original": "original socket", "rest": "REST stream", "ui": "UI socket",
+                 "openai": "OpenAI chat stream"}

@@ -3,7 +3,8 @@
 Each contestant's ``Run`` (one K, one round) is pooled over the rounds into a ``Row``: latency
 percentiles over all replies, the median of the per-round tokens/s, and the per-round rates
 themselves, so ``against_llama_server`` can judge the ratio within each round (the machine's
-drift cancels) rather than the ratio of two medians.
+drift cancels) rather than the ratio of two medians; ``proxy_overhead`` judges a front
+Tanglebox against its upstream hit directly the same way, with each round's TTFT p50 beside.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Row:
     ping_p99: float
     errors: int
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round, in order
+    round_ttft_p50: list[float] = field(default_factory=list)  # each round's TTFT p50, in order
 
 
 def summarize(runs: list[Run]) -> Row:
@@ -65,7 +67,8 @@ def summarize(runs: list[Run]) -> Row:
                statistics.median(finite) if finite else float("nan"),
                statistics.median(r.tokens / r.clients for r in runs),
                percentile(pooled("health"), 99), percentile(pooled("ping"), 99),
-               sum(len(r.errors) for r in runs), rates)
+               sum(len(r.errors) for r in runs), rates,
+               [percentile(r.ttft, 50) for r in runs])
 
 
 def ms(seconds: float) -> str:
@@ -119,8 +122,7 @@ def goals(rows: list[Row], largest: int) -> list[str]:
 def against_llama_server(ours: Row, server: Row) -> str:
     """The goal "above llama-server's aggregate", judged on the ratio of the two rates in each
     round (measured minutes apart at most, so the machine's drift cancels), median over rounds."""
-    ratios = [a / b for a, b in zip(ours.round_rates, server.round_rates)
-              if a == a and b == b and b > 0]  # rounds where both streamed
+    ratios = per_round_ratios(ours, server)
     if not ratios:
         return "no round where both streamed (goal: above llama-server): missed"
     ratio = statistics.median(ratios)
@@ -129,3 +131,45 @@ def against_llama_server(ours: Row, server: Row) -> str:
             f"{server.tokens_per_second:.1f}) (goal: above): "
             f"{'met' if ratio > 1 else 'missed'}; above it in "
             f"{sum(r > 1 for r in ratios)} of {len(ratios)} rounds")
+
+
+def per_round_ratios(ours: Row, theirs: Row) -> list[float]:
+    """Our tokens/s over theirs in each round where both streamed (NaN marks a round without)."""
+    return [a / b for a, b in zip(ours.round_rates, theirs.round_rates)
+            if a == a and b == b and b > 0]
+
+
+PROXY_RATE_GOAL = 0.95  # of the upstream's tokens/s hit directly (issue 16, item 6)
+PROXY_TTFT_GOAL = 0.005  # seconds the proxy may add to the TTFT p50
+
+
+def proxy_overhead(front: Row, direct: Row) -> list[str]:
+    """The proxy-overhead goals for one front contestant against the upstream hit directly at
+    the same K: the per-round tokens/s ratio and the per-round difference of the TTFT p50s,
+    each the median over the rounds where both streamed (so the machine's drift cancels)."""
+    k = f"{front.clients} client{'s' if front.clients > 1 else ''}"
+    ratios = per_round_ratios(front, direct)
+    if ratios:
+        ratio = statistics.median(ratios)
+        verdict = "met" if ratio >= PROXY_RATE_GOAL else "missed"
+        rate = (f"{front.contestant}, {k}: {ratio:.2f} of the direct tokens/s, median of "
+                f"{len(ratios)} rounds ({min(ratios):.2f}–{max(ratios):.2f}; "
+                f"{front.tokens_per_second:.1f} vs {direct.tokens_per_second:.1f}) "
+                f"(goal ≥ {PROXY_RATE_GOAL:.2f}): {verdict}")
+    else:
+        rate = f"{front.contestant}, {k}: no round where both streamed: missed"
+    added = [a - b for a, b in zip(front.round_ttft_p50, direct.round_ttft_p50)
+             if a == a and b == b]
+    if not added:
+        return [rate, f"{front.contestant}, {k}: no TTFT in a round where both streamed: missed"]
+    median = statistics.median(added)
+    ttft = (f"{front.contestant}, {k}: TTFT p50 {_signed_ms(median)} ms against direct, median "
+            f"of {len(added)} rounds ({_signed_ms(min(added))} to {_signed_ms(max(added))}; "
+            f"pooled {ms(front.ttft_p50)} vs {ms(direct.ttft_p50)} ms) "
+            f"(goal ≤ +{PROXY_TTFT_GOAL * 1000:.0f} ms): "
+            f"{'met' if median <= PROXY_TTFT_GOAL else 'missed'}")
+    return [rate, ttft]
+
+
+def _signed_ms(seconds: float) -> str:
+    return f"{seconds * 1000:+.1f}"

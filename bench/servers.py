@@ -1,4 +1,5 @@
-"""Start the servers the benchmark drives: Tanglebox (``python app.py``) and llama.cpp's server.
+"""Start the servers the benchmarks drive: Tanglebox (``python app.py``), with its own model or
+as a front to a remote endpoint, and llama.cpp's server.
 
 Both listen on a free loopback port, log to a file in the benchmark's scratch folder, and are
 ready when ``/health`` answers 200 (polled with a deadline). ``stop`` sends SIGTERM and waits.
@@ -84,15 +85,34 @@ def stop_process_group(process: subprocess.Popen, grace_seconds: float = 30) -> 
 
 def start_tanglebox(model: Path, slots: int, context_length: int, folder: Path,
                     max_tokens: int) -> ServerProcess:
+    return start_tanglebox_with({"modelName": str(model), "parallelSlots": slots,
+                                 "contextLength": context_length, "queueSize": 4 * slots,
+                                 "maxNewTokensLimit": max(max_tokens, 4096)},
+                                folder, "tanglebox")
+
+
+def start_front_tanglebox(upstream_base_url: str, upstream_model: str, slots: int,
+                          timeout_seconds: int, folder: Path,
+                          max_tokens: int) -> ServerProcess:
+    """A Tanglebox with no local model whose one model is a remote OpenAI-compatible endpoint
+    (``remoteEndpoints``, issue 16): every reply it serves is proxied to ``upstream_base_url``
+    (``…/v1``), ``slots`` at once."""
+    endpoint = {"name": "upstream", "baseUrl": upstream_base_url, "model": upstream_model,
+                "maxConcurrent": slots, "timeoutSeconds": timeout_seconds}
+    return start_tanglebox_with({"modelName": "", "remoteEndpoints": [endpoint],
+                                 "queueSize": 4 * slots,
+                                 "maxNewTokensLimit": max(max_tokens, 4096)},
+                                folder, "tanglebox-front")
+
+
+def start_tanglebox_with(settings: dict, folder: Path, name: str) -> ServerProcess:
+    """``python app.py`` on a free port with these settings, none from the environment."""
     port = free_port()
-    settings = {"port": port, "modelName": str(model), "parallelSlots": slots,
-                "contextLength": context_length, "queueSize": 4 * slots,
-                "maxNewTokensLimit": max(max_tokens, 4096)}
-    path = folder / "tanglebox-settings.json"
-    path.write_text(json.dumps(settings), encoding="utf-8")
+    path = folder / f"{name}-settings.json"
+    path.write_text(json.dumps({"port": port, **settings}), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANGLEBOX_")}
-    return ServerProcess("tanglebox", [sys.executable, str(ROOT / "app.py"), "--settings",
-                                       str(path)], port, folder / "tanglebox.log", env)
+    return ServerProcess(name, [sys.executable, str(ROOT / "app.py"), "--settings", str(path)],
+                         port, folder / f"{name}.log", env)
 
 
 def start_llama_server(binary: Path, model: Path, slots: int, context_length: int,
