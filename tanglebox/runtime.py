@@ -155,8 +155,9 @@ class Runtime:
         listing the ids otherwise."""
         if value is None or value == "":
             return None
-        if isinstance(value, str) and self.known_model(value):
-            return self.known_model(value)
+        model = self.known_model(value)
+        if model is not None:
+            return model
         raise RequestError(param, f"must be the id of a served model, one of: "
                                   f"{', '.join(self.model_ids())}; got {shown(value)}")
 

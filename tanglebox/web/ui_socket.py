@@ -354,13 +354,11 @@ class ChatSocket:
             reply.finished.set()
         if reply.interrupted:
             return  # the socket that took over shows the conversation as it now stands
-        if isinstance(outcome, Error) and text:  # it failed mid-reply: keep what was written
-            turn.reply, turn.note = text, outcome.message
-            self.send(fragments.end(turn.reply, turn.note), self._composer())
-            return
-        if isinstance(outcome, Error):
+        if isinstance(outcome, Error) and not text:
             self._fail_turn(turn, previous, outcome.message)
             return
+        if isinstance(outcome, Error):  # it failed mid-reply: keep what was written
+            turn.reply, turn.note = text, outcome.message
         if isinstance(outcome, Done):
             turn.reply, turn.note = outcome.text, self._finish_note(outcome)
         if command == "new":
