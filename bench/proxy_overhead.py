@@ -13,7 +13,8 @@ Tanglebox with ``parallelSlots`` = K. The front is a Tanglebox with no model of 
 ``maxConcurrent`` = K: every reply it serves is streamed from the upstream.
 
 For each K and each round (the contestants in turns, reversed every other round, so drift on a
-shared machine hits both alike):
+shared machine hits both alike; each K's turn starts with one discarded direct run, since the
+first run after a change of K was slower whoever made it):
 
 - **direct**: K clients stream ``POST /v1/chat/completions`` from the upstream itself;
 - **through Tanglebox**, on each ``--surfaces`` (default ``openai``: the very same body on the
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
             for k in ks:
+                # Whoever comes first after the K of the previous phase pays for the upstream
+                # settling into the new load (seen as +50-60 ms TTFT on a quiet machine, on
+                # every contestant alike): one discarded direct run takes that cost.
+                measure(direct_name, k)
                 for name in in_round_order(list(contestants), round_):
                     run = measure(name, k)
                     runs.setdefault((name, k), []).append(run)
