@@ -12,8 +12,9 @@ Flow of a request::
              pick the free slot whose cached tokens share the longest prefix with it (else
              one next to a busy slot, else the least recently used) and drop the rest; while
              replies run, one prompt per step at most
-      step:  one backend.decode over every active slot: one token per generating slot, plus
-             prompt chunks of admitted ones (prefill interleaved with generation)
+      step:  one backend.decode over every active slot: one token per generating slot (and
+             its lookup draft, ``tanglebox.lookup_decoding``), plus prompt chunks of admitted
+             ones (prefill interleaved with generation)
       then:  sample (``tanglebox.sampling``), detokenize UTF-8-safely, hold back partial
              stop strings, emit Delta (and its tokens' log probabilities, if asked); end with
              Done or Error, free the grammar and the slot (its KV cache stays for the next turn)
@@ -48,6 +49,7 @@ from tanglebox.backends.base import Backend, DecodeItem, GrammarError
 from tanglebox.chat_request import ChatRequest
 from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishReason,
                                   Generation)
+from tanglebox.lookup_decoding import LookupDecoding, LookupState
 from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import Sampler
@@ -95,6 +97,7 @@ class _Sequence:
     next_token: int | None = None
     completion_tokens: int = 0
     first_token_at: float | None = None
+    lookup: LookupState = field(default_factory=LookupState)
 
 
 class Engine:
@@ -102,7 +105,8 @@ class Engine:
 
     def __init__(self, backend: Backend, template_name: str, default_system_prompt: str = "",
                  queue_size: int = 32, request_timeout: float = 600.0, seed: int = -1,
-                 log_prompts: bool = False, queue_per_client: int | None = None) -> None:
+                 log_prompts: bool = False, queue_per_client: int | None = None,
+                 lookup_decoding: bool = True) -> None:
         self.backend = backend
         # Prompt tokens per step while other sequences wait on the step (see _step); a
         # backend on hardware where prompt tokens are nearly free in a batch sets it high.
@@ -123,6 +127,7 @@ class Engine:
         # (a dict, so each is woken once however many events it got).
         self._unwoken: dict[Generation, None] | None = None
         self.cached_prompt_tokens = 0  # prompt tokens reused from a slot's cache, ever (/metrics)
+        self.lookup = LookupDecoding(backend, lookup_decoding)
 
     # -- the adapters' side -------------------------------------------------------------
 
@@ -315,9 +320,14 @@ class Engine:
         items = []
         generating = [s for s in self._active if s.next_token is not None]
         reading = [s for s in self._active if s.next_token is None]  # oldest first
-        for seq in generating:  # streams first: a long prompt never stalls them
-            items.append((seq, DecodeItem(seq.slot.index, [seq.next_token], len(seq.slot.tokens))))
         budget = self.backend.batch_tokens - len(generating)
+        for seq in generating:  # streams first: a long prompt never stalls them
+            left = seq.generation.request.max_new_tokens - seq.completion_tokens - 1
+            draft = self.lookup.draft(seq.lookup, seq.sampler, seq.slot.tokens, seq.next_token,
+                                      min(budget, left))
+            budget -= len(draft)
+            items.append((seq, DecodeItem(seq.slot.index, [seq.next_token, *draft],
+                                          len(seq.slot.tokens), logits_count=1 + len(draft))))
         if generating or len(reading) > 1:
             # Others wait on this step: read at most a chunk of prompt, so streams keep
             # flowing during a long prompt, and whole prompts oldest first, so the first to
@@ -344,6 +354,9 @@ class Engine:
         self._unwoken = {}
         try:
             for (seq, item), logits in zip(items, all_logits):
+                if item.logits_count > 1:
+                    self._accept_run(seq, item, logits)
+                    continue
                 seq.slot.tokens.extend(item.tokens)
                 if item.want_logits:
                     try:
@@ -357,6 +370,28 @@ class Engine:
             unwoken, self._unwoken = self._unwoken, None
             for generation in unwoken:
                 generation._wake()
+
+    def _accept_run(self, seq: _Sequence, item: DecodeItem, rows) -> None:
+        """A drafted step: the cache keeps the drafts the model agreed with; the tokens go one
+        by one through ``_accept_token`` until one ends the reply (or a cancel comes)."""
+        try:
+            tokens = self.lookup.verify(seq.lookup, seq.sampler, item.tokens[1:], rows)
+        except Exception:  # noqa: BLE001 - e.g. NaN logits: this reply only
+            log.exception("sampling a token failed")
+            self.backend.forget(seq.slot.index, len(seq.slot.tokens))  # the cache as recorded
+            self._fail_sequence(seq, MODEL_FAILED)
+            return
+        seq.slot.tokens.extend(item.tokens[:len(tokens)])  # the last token and matched drafts
+        if len(tokens) < len(item.tokens):
+            self.backend.forget(seq.slot.index, len(seq.slot.tokens))
+        for i, token in enumerate(tokens):
+            if i and seq.generation.cancelled:
+                self._finish(seq, FinishReason.CANCELLED)
+                return
+            seq.next_token = None  # set again by _accept_token while the reply goes on
+            self._accept_token(seq, token)
+            if seq.next_token is None:
+                return
 
     def _send(self, generation: Generation, event: Event) -> None:
         """Give ``event`` to the generation's reader (woken at the end of a step's token loop
@@ -441,7 +476,8 @@ def engine_from_settings(settings: Settings, backend: Backend) -> Engine:
                     queue_size=settings["queueSize"],
                     request_timeout=settings["requestTimeoutSeconds"], seed=settings["seed"],
                     log_prompts=settings["enableModelDebugOutput"],
-                    queue_per_client=settings["queuePerClient"])
+                    queue_per_client=settings["queuePerClient"],
+                    lookup_decoding=settings["lookupDecoding"])
     engine.render_check()
     engine.start()
     return engine

@@ -76,10 +76,20 @@ class Sampler:
         return cls(request.temperature, request.sampling, seed, backend.token_bytes,
                    backend.is_end_of_turn, constraint)
 
-    def choose(self, logits: np.ndarray) -> int:
-        """The next token (``logits`` is left as it was: log probabilities are read from it)."""
+    @property
+    def verifies_drafts(self) -> bool:
+        """Whether ``choose`` may be given a draft (``tanglebox.lookup_decoding``): not with a
+        grammar (it follows one token at a time) nor with log probabilities."""
+        return self.constraint is None and self._top_logprobs is None
+
+    def choose(self, logits: np.ndarray, draft: int | None = None) -> int:
+        """The next token (``logits`` is left as it was: log probabilities are read from it).
+
+        ``draft``: a token proposed for this position (lookup decoding); the token returned
+        has the same distribution as without it, and is the draft as often as it can be.
+        """
         scores = self._adjusted(logits)
-        token = self._pick(scores)
+        token = self._pick(scores, draft)
         if self.constraint is not None:
             if not self.constraint.allows(token):
                 scores = self.constraint.restrict(scores)
@@ -127,8 +137,8 @@ class Sampler:
             scores[ids] -= counts * self._frequency + self._presence
         return scores
 
-    def _pick(self, scores: np.ndarray) -> int:
-        if self.temperature <= 0:
+    def _pick(self, scores: np.ndarray, draft: int | None = None) -> int:
+        if self.temperature <= 0:  # greedy: the draft is right exactly when it is the argmax
             return int(np.argmax(scores))
         k = scores.shape[-1] if self.top_k <= 0 else min(self.top_k, scores.shape[-1])
         candidates = np.argpartition(scores, -k)[-k:]
@@ -139,6 +149,16 @@ class Sampler:
         probs /= probs.sum()
         keep = min(int(np.searchsorted(np.cumsum(probs), self.top_p)) + 1, k)
         probs = probs[:keep] / probs[:keep].sum()
+        if draft is not None:
+            # The acceptance rule for a deterministic proposal: keep the draft with probability
+            # p(draft), else draw from p without it (tanglebox.lookup_decoding: exact).
+            at = np.flatnonzero(candidates[:keep] == draft)
+            if at.size:
+                if self._rng.random() < probs[at[0]]:
+                    return draft
+                probs = probs.copy()
+                probs[at[0]] = 0.0
+                probs /= probs.sum()
         return int(candidates[self._rng.choice(keep, p=probs)])
 
 

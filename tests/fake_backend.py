@@ -7,6 +7,10 @@ the 26 lowercase letters are equally likely (then the end), for tests of random 
 model really works token by token through the engine's decode/forget interface, so slots,
 batching, caching and cancel are exercised.
 
+With ``verifies_drafts=True`` it returns logits at an item's last ``logits_count`` positions,
+so the engine's lookup decoding drafts on it (``echo`` replies repeat the prompt: drafts
+that hold).
+
 With ``supports_grammar=True`` it takes a "grammar" ``root ::= CHARS``: the reply may hold only
 those characters (the end of turn is always allowed); anything else is a GrammarError.
 """
@@ -75,8 +79,9 @@ class FakeBackend:
                  batch_tokens: int = 64, step_delay: float = 0.0,
                  model_name: str = "fake-model", replies: dict[str, str] | None = None,
                  crash_on_decode: bool = False, tokenize_delay: float = 0.0,
-                 supports_grammar: bool = False) -> None:
+                 supports_grammar: bool = False, verifies_drafts: bool = False) -> None:
         self.model_name = model_name
+        self.verifies_drafts = verifies_drafts
         self.supports_grammar = supports_grammar
         self.constraints: list[FakeConstraint] = []  # every grammar made, in order
         self.replies = replies or {}  # canned replies by user text, before fake_reply's rules
@@ -120,7 +125,14 @@ class FakeBackend:
             sequence = self.sequences[item.slot]
             assert len(sequence) == item.position, "decode at a position the cache does not hold"
             sequence.extend(item.tokens)
-            results.append(self._logits(sequence) if item.want_logits else None)
+            if not item.want_logits:
+                results.append(None)
+            elif item.logits_count == 1:
+                results.append(self._logits(sequence))
+            else:
+                assert self.verifies_drafts, "logits at several positions from a plain backend"
+                ends = range(len(sequence) - item.logits_count + 1, len(sequence) + 1)
+                results.append(np.stack([self._logits(sequence[:end]) for end in ends]))
         return results
 
     def forget(self, slot: int, keep: int) -> None:

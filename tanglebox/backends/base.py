@@ -5,7 +5,9 @@ HTTP, sockets, templates, sampling or stop strings (the engine does those once f
 
 Sequences live in numbered slots (0 .. ``max_sequences``-1), each with its own KV cache.
 ``decode`` appends tokens to several slots at once (one batched forward pass) and returns the
-logits after the last token of each item that asks for them. ``forget`` drops a slot's cached
+logits after the last token of each item that asks for them (after each of its last
+``logits_count`` tokens, a row per token, from a backend with ``verifies_drafts``: the engine
+checks lookup decoding's drafts so, ``tanglebox.lookup_decoding``). ``forget`` drops a slot's cached
 positions from ``keep`` on, so a conversation's next turn can reuse its cached prefix.
 All methods are called from the engine's thread only.
 
@@ -54,6 +56,9 @@ class DecodeItem:
     tokens: list[int]
     position: int  # where tokens[0] goes in the slot's sequence
     want_logits: bool = True
+    # With want_logits: the last tokens that want logits. Above 1 (only for a backend with
+    # ``verifies_drafts = True``) the item's logits are a 2-D array, a row per token.
+    logits_count: int = 1
 
 
 class Backend(Protocol):

@@ -3,7 +3,7 @@
 Every engine step is one ``llama_decode`` over a batch that holds all active slots: one token
 for each generating slot plus prompt chunks for slots still reading their prompt, each token
 tagged with its slot's sequence id. Logits are requested only for the last token of an item
-that needs them, and handed to the engine as views of llama.cpp's own buffer (valid until the
+that needs them (its last ``logits_count``, when the engine checks a lookup draft), and handed to the engine as views of llama.cpp's own buffer (valid until the
 next decode, by which time the engine has sampled from them). ``forget`` removes a slot's
 cached positions (``llama_memory_seq_rm``), which is how a conversation's next turn reuses its
 cached prefix.
@@ -59,6 +59,7 @@ def cpu_threads() -> int:
 class LlamaCppBackend:
     name = "llama.cpp"
     supports_grammar = True
+    verifies_drafts = True  # DecodeItem.logits_count above 1: logits at each drafted position
 
     def __init__(self, path: Path, context_length: int, slots: int, gpu_layers: int,
                  device: str, verbose: bool = False) -> None:
@@ -163,23 +164,26 @@ class LlamaCppBackend:
         batch = self._batch
         n = 0
         for item in (items[i] for i in in_order):
-            last = len(item.tokens) - 1
+            first_out = len(item.tokens) - (item.logits_count if item.want_logits else 0)
             for offset, token in enumerate(item.tokens):
                 batch.token[n] = token
                 batch.pos[n] = item.position + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = item.slot
-                batch.logits[n] = item.want_logits and offset == last
+                batch.logits[n] = offset >= first_out
                 n += 1
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        rows = iter(self._logits_rows(sum(item.want_logits for item in items)))
+        rows = self._logits_rows(sum(item.logits_count for item in items if item.want_logits))
         results: list[np.ndarray | None] = [None] * len(items)
+        row = 0
         for i in in_order:  # logits rows come in batch order
             if items[i].want_logits:
-                results[i] = next(rows)
+                count = items[i].logits_count
+                results[i] = rows[row] if count == 1 else rows[row:row + count]
+                row += count
         return results
 
     def forget(self, slot: int, keep: int) -> None:
