@@ -321,10 +321,12 @@ class Engine:
         generating = [s for s in self._active if s.next_token is not None]
         reading = [s for s in self._active if s.next_token is None]  # oldest first
         budget = self.backend.batch_tokens - len(generating)
+        room = min(budget, self.lookup.room(len(generating)))
         for seq in generating:  # streams first: a long prompt never stalls them
             left = seq.generation.request.max_new_tokens - seq.completion_tokens - 1
             draft = self.lookup.draft(seq.lookup, seq.sampler, seq.slot.tokens, seq.next_token,
-                                      min(budget, left))
+                                      min(room, left))
+            room -= len(draft)
             budget -= len(draft)
             items.append((seq, DecodeItem(seq.slot.index, [seq.next_token, *draft],
                                           len(seq.slot.tokens), logits_count=1 + len(draft))))

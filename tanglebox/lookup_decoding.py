@@ -16,7 +16,9 @@ several tokens from one decode. Flow, per generating slot and step (``Engine._st
     accept:  the engine keeps the matched draft tokens in the slot's KV cache, forgets the
              rest, and takes the picked tokens one by one through its usual path, so a stop
              string or a cancel ends the run where it ends a reply
-    back off: a slot whose drafts keep failing stops drafting for a while (longer each time)
+    back off: a slot whose drafts keep failing stops drafting for a while (longer each time),
+             and a step of more than ``DRAFTING_STREAMS`` streams takes none (a CPU pays for
+             every token of a batch: beside other streams drafts slow every stream)
 
 Exact at every temperature: greedy, the pick at each position is the argmax of the very logits
 plain decoding would see there (the drafted tokens before it are the ones plain decoding would
@@ -40,10 +42,15 @@ from tanglebox.backends.base import Backend
 from tanglebox.sampling import Sampler
 
 DRAFT_TOKENS = 8  # the longest draft: more costs a longer decode for a rarer full match
-FIRST_DRAFT = 4  # a slot's first draft length; then one past what the last draft got right,
-# or 2 more when all of it was (each drafted token costs compute in the step, wrong or right)
+FIRST_DRAFT = 2  # a slot's first draft length; then one past what the last draft got right,
+# or twice as long when all of it was (each drafted token costs compute, wrong or right)
 LONGEST_NGRAM = 3  # the longest suffix looked up; 3..1, longest first
-MISSES_BEFORE_PAUSE = 2  # drafts in a row with no token accepted before a slot pauses
+# The most generating slots a step may have and still take drafts. On a CPU every token of a
+# batch costs about the same (CPU_PREFILL_CHUNK), so beside other streams a draft's tokens cost
+# what generated ones do: 8 streams of chat with drafts ran at 0.53 of plain decoding, and at
+# 0.62 with at most 8 draft tokens a step (python -m bench.lookup, 2 cores).
+DRAFTING_STREAMS = 2
+MISSES_BEFORE_PAUSE = 2  # drafts in a row with less than half accepted before a slot pauses
 FIRST_PAUSE = 8  # steps without drafts after the first run of misses; doubles at each next run
 LONGEST_PAUSE = 256
 
@@ -72,6 +79,10 @@ class LookupDecoding:
         self._is_end_of_turn = backend.is_end_of_turn
         self.drafted = 0  # draft tokens sent to the model, ever
         self.accepted = 0  # of which the model agreed with
+
+    def room(self, streams: int) -> int:
+        """Draft tokens a step of ``streams`` generating slots may hold, all drafts together."""
+        return self.draft_tokens * streams if self.enabled and streams <= DRAFTING_STREAMS else 0
 
     def draft(self, state: LookupState, sampler: Sampler, cached: list[int], last: int,
               limit: int) -> list[int]:
@@ -116,8 +127,8 @@ class LookupDecoding:
     def _record(self, state: LookupState, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
-        state.length = accepted + 2 if accepted == drafted else accepted + 1
-        if accepted:
+        state.length = accepted * 2 if accepted == drafted else accepted + 1
+        if accepted * 2 >= drafted:
             state.misses, state.pause = 0, FIRST_PAUSE
             return
         state.misses += 1

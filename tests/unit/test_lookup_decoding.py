@@ -9,7 +9,8 @@ import pytest
 
 from tanglebox.chat_request import ChatRequest, SamplingOptions
 from tanglebox.engine import Done, Engine
-from tanglebox.lookup_decoding import LookupDecoding, LookupState
+from tanglebox.lookup_decoding import (DRAFT_TOKENS, DRAFTING_STREAMS, LookupDecoding,
+                                       LookupState)
 from tanglebox.prompting import USER, Message
 from tanglebox.sampling import Sampler
 from tests.fake_backend import END, FakeBackend
@@ -50,7 +51,8 @@ def reply(engine_on):
 def draft(cached: list[int], last: int, limit: int = 8, state: LookupState | None = None,
           sampler: Sampler | None = None, **backend_options) -> list[int]:
     lookup = LookupDecoding(FakeBackend(verifies_drafts=True, **backend_options))
-    return lookup.draft(state or LookupState(), sampler or Sampler(0.0), cached, last, limit)
+    state = state or LookupState(length=DRAFT_TOKENS)  # past the first drafts' short length
+    return lookup.draft(state, sampler or Sampler(0.0), cached, last, limit)
 
 
 def test_the_draft_follows_the_most_recent_occurrence_of_the_last_tokens():
@@ -75,6 +77,20 @@ def test_no_draft_where_it_is_off_or_the_sampler_or_backend_cannot_check_one():
     assert LookupDecoding(plain).draft(LookupState(), Sampler(0.0), cached, last, 8) == []
     off = LookupDecoding(FakeBackend(verifies_drafts=True), enabled=False)
     assert off.draft(LookupState(), Sampler(0.0), cached, last, 8) == []
+
+
+def test_drafts_grow_while_they_hold_and_shrink_when_they_fail():
+    lookup = LookupDecoding(FakeBackend(verifies_drafts=True))
+    state, sampler = LookupState(), Sampler(0.0)
+    tokens = list(b"abcdefghijklmnopqrstuvwxyz") * 2
+    first = lookup.draft(state, sampler, tokens[:30], tokens[30], 8)
+    assert first == tokens[31:33]  # a slot's first draft is short
+    rows = np.zeros((3, 256), dtype=np.float32)
+    rows[[0, 1, 2], [first[0], first[1], ord("z")]] = 1.0  # both drafted tokens right
+    assert lookup.verify(state, sampler, first, rows) == [*first, ord("z")]
+    assert len(lookup.draft(state, sampler, tokens[:32], tokens[32], 8)) == 4
+    assert lookup.verify(state, sampler, [1, 2, 3, 4], rows) == [first[0]]  # none right
+    assert len(lookup.draft(state, sampler, tokens[:33], tokens[33], 8)) == 1
 
 
 def test_the_draft_leaves_room_in_the_context():
@@ -157,3 +173,21 @@ def test_no_drafts_with_log_probabilities_or_a_grammar(reply):
 def test_the_setting_turns_it_off(reply):
     _, engine = reply(request("echo " + PARAGRAPH * 2), lookup=False)
     assert drafted_steps(engine.backend) == 0
+
+
+def test_a_step_of_many_streams_takes_no_drafts(engine_on):
+    """Beside other streams a draft costs on a CPU what a generated token does: three replies
+    at once draft only once two of them have ended."""
+    backend = FakeBackend(verifies_drafts=True, max_sequences=3)
+    engine = engine_on(backend)
+    texts = ["echo " + PARAGRAPH * n for n in (1, 2, 3)]
+    generations = [engine.submit(request(text, max_new_tokens=1000)) for text in texts]
+    for generation, text in zip(generations, texts):
+        assert collect_reply(generation)[1].text == text[len("echo "):]
+    prompt_end: dict[int, int] = {}  # a slot's prompt ends with its first item wanting logits
+    for item in (item for items in backend.decode_calls for item in items if item.want_logits):
+        prompt_end.setdefault(item.slot, item.position + len(item.tokens))
+    crowded = [items for items in backend.decode_calls
+               if sum(item.position >= prompt_end[item.slot] for item in items) > DRAFTING_STREAMS]
+    assert crowded and all(item.logits_count == 1 for items in crowded for item in items)
+    assert engine.lookup.accepted > 0  # the last reply, alone, drafted
