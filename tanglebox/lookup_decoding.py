@@ -4,7 +4,7 @@ context, checked by the model in the engine's one batched decode per step.
 Replies that repeat what they were given (edit this code, fix this text, quote it) can get
 several tokens from one decode. Flow, per generating slot and step (``Engine._step``)::
 
-    draft:   the last n tokens (n = 3, 2, 1: longest first) looked up in an index of every
+    draft:   the last n tokens (n = 3, 2: longest first) looked up in an index of every
              earlier n-gram of the slot's prompt + reply; the up to ``DRAFT_TOKENS`` tokens
              that followed its most recent occurrence are the draft (cut before an end of turn,
              and to what the reply's token limit and the context leave)
@@ -44,14 +44,18 @@ from tanglebox.sampling import Sampler
 DRAFT_TOKENS = 8  # the longest draft: more costs a longer decode for a rarer full match
 FIRST_DRAFT = 2  # a slot's first draft length; then one past what the last draft got right,
 # or twice as long when all of it was (each drafted token costs compute, wrong or right)
-LONGEST_NGRAM = 3  # the longest suffix looked up; 3..1, longest first
+LONGEST_NGRAM = 3  # the longest suffix looked up, then shorter ones down to SHORTEST_NGRAM
+# A one-token match guesses badly in ordinary chat, and on a CPU a decode costs about linearly
+# in its tokens (1, 2, 3, 5, 9 tokens: 11.5, 20, 28, 37, 57 ms on 2 cores), so a wrong guess
+# costs most of a step.
+SHORTEST_NGRAM = 2
 # The most generating slots a step may have and still take drafts. On a CPU every token of a
 # batch costs about the same (CPU_PREFILL_CHUNK), so beside other streams a draft's tokens cost
 # what generated ones do: 8 streams of chat with drafts ran at 0.53 of plain decoding, and at
 # 0.62 with at most 8 draft tokens a step (python -m bench.lookup, 2 cores).
 DRAFTING_STREAMS = 2
-MISSES_BEFORE_PAUSE = 2  # drafts in a row with less than half accepted before a slot pauses
-FIRST_PAUSE = 8  # steps without drafts after the first run of misses; doubles at each next run
+MISSES_BEFORE_PAUSE = 1  # drafts in a row with less than half accepted before a slot pauses
+FIRST_PAUSE = 16  # steps without drafts after the first run of misses; doubles at each next
 LONGEST_PAUSE = 256
 
 
@@ -144,7 +148,7 @@ def _most_recent_continuation(state: LookupState, tokens: Sequence[int]) -> int 
         for n in range(1, min(LONGEST_NGRAM, end) + 1):
             state.index[tuple(tokens[end - n:end])] = end
     state.indexed = len(tokens)
-    for n in range(min(LONGEST_NGRAM, len(tokens) - 1), 0, -1):
+    for n in range(min(LONGEST_NGRAM, len(tokens) - 1), SHORTEST_NGRAM - 1, -1):
         start = state.index.get(tuple(tokens[len(tokens) - n:]))
         if start is not None:
             return start

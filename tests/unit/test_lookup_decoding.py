@@ -9,8 +9,8 @@ import pytest
 
 from tanglebox.chat_request import ChatRequest, SamplingOptions
 from tanglebox.engine import Done, Engine
-from tanglebox.lookup_decoding import (DRAFT_TOKENS, DRAFTING_STREAMS, LookupDecoding,
-                                       LookupState)
+from tanglebox.lookup_decoding import (DRAFT_TOKENS, DRAFTING_STREAMS, FIRST_PAUSE,
+                                       LookupDecoding, LookupState)
 from tanglebox.prompting import USER, Message
 from tanglebox.sampling import Sampler
 from tests.fake_backend import END, FakeBackend
@@ -66,6 +66,7 @@ def test_a_longer_match_wins_over_a_more_recent_shorter_one():
 
 def test_no_draft_without_an_earlier_occurrence_nor_past_an_end_of_turn():
     assert draft([1, 2, 3], 4) == []
+    assert draft([5, 7, 1, 2], 7) == []  # one token in common is too weak a guess
     assert draft([1, 2, 3, 4, END, 7, 1], 2) == [3, 4]
 
 
@@ -79,7 +80,7 @@ def test_no_draft_where_it_is_off_or_the_sampler_or_backend_cannot_check_one():
     assert off.draft(LookupState(), Sampler(0.0), cached, last, 8) == []
 
 
-def test_drafts_grow_while_they_hold_and_shrink_when_they_fail():
+def test_drafts_grow_while_they_hold_and_pause_then_shrink_when_they_fail():
     lookup = LookupDecoding(FakeBackend(verifies_drafts=True))
     state, sampler = LookupState(), Sampler(0.0)
     tokens = list(b"abcdefghijklmnopqrstuvwxyz") * 2
@@ -90,6 +91,8 @@ def test_drafts_grow_while_they_hold_and_shrink_when_they_fail():
     assert lookup.verify(state, sampler, first, rows) == [*first, ord("z")]
     assert len(lookup.draft(state, sampler, tokens[:32], tokens[32], 8)) == 4
     assert lookup.verify(state, sampler, [1, 2, 3, 4], rows) == [first[0]]  # none right
+    for _ in range(FIRST_PAUSE):  # a failed draft: the slot pauses, then drafts one token
+        assert lookup.draft(state, sampler, tokens[:33], tokens[33], 8) == []
     assert len(lookup.draft(state, sampler, tokens[:33], tokens[33], 8)) == 1
 
 
