@@ -321,7 +321,7 @@ class Engine:
         generating = [s for s in self._active if s.next_token is not None]
         reading = [s for s in self._active if s.next_token is None]  # oldest first
         budget = self.backend.batch_tokens - len(generating)
-        room = min(budget, self.lookup.room(len(generating)))
+        room = min(budget, self.lookup.room(len(self._active)))
         for seq in generating:  # streams first: a long prompt never stalls them
             left = seq.generation.request.max_new_tokens - seq.completion_tokens - 1
             draft = self.lookup.draft(seq.lookup, seq.sampler, seq.slot.tokens, seq.next_token,

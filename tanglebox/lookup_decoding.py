@@ -17,8 +17,8 @@ several tokens from one decode. Flow, per generating slot and step (``Engine._st
              rest, and takes the picked tokens one by one through its usual path, so a stop
              string or a cancel ends the run where it ends a reply
     back off: a slot whose drafts keep failing stops drafting for a while (longer each time),
-             and a step of more than ``DRAFTING_STREAMS`` streams takes none (a CPU pays for
-             every token of a batch: beside other streams drafts slow every stream)
+             and a step of more than ``DRAFTING_STREAMS`` replies takes none (a CPU pays for
+             every token of a batch: beside other replies drafts slow every one)
 
 Exact at every temperature: greedy, the pick at each position is the argmax of the very logits
 plain decoding would see there (the drafted tokens before it are the ones plain decoding would
@@ -49,11 +49,12 @@ LONGEST_NGRAM = 3  # the longest suffix looked up, then shorter ones down to SHO
 # in its tokens (1, 2, 3, 5, 9 tokens: 11.5, 20, 28, 37, 57 ms on 2 cores), so a wrong guess
 # costs most of a step.
 SHORTEST_NGRAM = 2
-# The most generating slots a step may have and still take drafts. On a CPU every token of a
-# batch costs about the same (CPU_PREFILL_CHUNK), so beside other streams a draft's tokens cost
-# what generated ones do: 8 streams of chat with drafts ran at 0.53 of plain decoding, and at
-# 0.62 with at most 8 draft tokens a step (python -m bench.lookup, 2 cores).
-DRAFTING_STREAMS = 2
+# The most replies (generating or reading their prompt) a step may hold and still take drafts.
+# On a CPU every token of a batch costs about the same (CPU_PREFILL_CHUNK), so beside other
+# replies a draft's tokens cost what theirs do (python -m bench.lookup, 2 cores, 8 streams:
+# drafting freely, chat ran at 0.53 of plain decoding; with drafts only while at most 2 replies
+# generated, the edit workload at 0.73-0.92; with drafts only for a reply alone, 1.05).
+DRAFTING_STREAMS = 1
 MISSES_BEFORE_PAUSE = 1  # drafts in a row with less than half accepted before a slot pauses
 FIRST_PAUSE = 16  # steps without drafts after the first run of misses; doubles at each next
 LONGEST_PAUSE = 256
@@ -84,9 +85,9 @@ class LookupDecoding:
         self.drafted = 0  # draft tokens sent to the model, ever
         self.accepted = 0  # of which the model agreed with
 
-    def room(self, streams: int) -> int:
-        """Draft tokens a step of ``streams`` generating slots may hold, all drafts together."""
-        return self.draft_tokens * streams if self.enabled and streams <= DRAFTING_STREAMS else 0
+    def room(self, replies: int) -> int:
+        """Draft tokens a step of ``replies`` active slots may hold, all drafts together."""
+        return self.draft_tokens * replies if self.enabled and replies <= DRAFTING_STREAMS else 0
 
     def draft(self, state: LookupState, sampler: Sampler, cached: list[int], last: int,
               limit: int) -> list[int]:

@@ -179,8 +179,8 @@ def test_the_setting_turns_it_off(reply):
 
 
 def test_a_step_of_many_streams_takes_no_drafts(engine_on):
-    """Beside other streams a draft costs on a CPU what a generated token does: three replies
-    at once draft only once two of them have ended."""
+    """Beside other replies a draft costs on a CPU what their tokens do: of three replies at
+    once, the longest drafts only once the others have ended."""
     backend = FakeBackend(verifies_drafts=True, max_sequences=3)
     engine = engine_on(backend)
     texts = ["echo " + PARAGRAPH * n for n in (1, 2, 3)]
@@ -193,4 +193,6 @@ def test_a_step_of_many_streams_takes_no_drafts(engine_on):
     crowded = [items for items in backend.decode_calls
                if sum(item.position >= prompt_end[item.slot] for item in items) > DRAFTING_STREAMS]
     assert crowded and all(item.logits_count == 1 for items in crowded for item in items)
+    drafted = [items for items in backend.decode_calls if any(i.logits_count > 1 for i in items)]
+    assert all(len(items) == 1 for items in drafted)  # not beside a prompt being read either
     assert engine.lookup.accepted > 0  # the last reply, alone, drafted
