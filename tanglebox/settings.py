@@ -129,9 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Requests one client (by address) may have waiting for a slot; beyond that: 429 + "
             "Retry-After.", minimum=1),
     Setting("lookupDecoding", True, bool,
-            "Prompt-lookup decoding on llama.cpp: guess a reply's next tokens from the "
-            "conversation and check several in one step (faster where a reply repeats its "
-            "input; the same replies; backs off by itself where guesses fail)."),
+            "Prompt-lookup decoding on llama.cpp: while a reply runs alone, guess its next "
+            "tokens from the conversation and check several in one step (faster where a reply "
+            "repeats its input; the same replies; backs off by itself where guesses fail)."),
     Setting("requestTimeoutSeconds", 600, (int, float),
             "A reply still generating after this long is stopped (finish reason `timeout`).",
             minimum=1),
