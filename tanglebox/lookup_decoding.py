@@ -67,7 +67,7 @@ class LookupState:
     # n-gram → where its most recent occurrence's continuation starts
     index: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0  # positions of the sequence whose n-grams ending there are in ``index``
-    misses: int = 0  # drafts in a row that had no token accepted
+    misses: int = 0  # drafts in a row that had less than half of their tokens accepted
     paused: int = 0  # steps left without drafts
     pause: int = FIRST_PAUSE  # the next pause's length
     length: int = FIRST_DRAFT  # the next draft's length at most
