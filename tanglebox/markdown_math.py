@@ -2,8 +2,9 @@
 
 Parsing: mdit-py-plugins' ``dollarmath`` (``$…$`` inline, ``$$…$$`` on its own lines or, with
 ``double_inline``, inside a paragraph) and ``amsmath`` (top-level ``\\begin{align}…``
-environments), plus two rules here for ``\\(…\\)`` and ``\\[…\\]``, the delimiters models
-write most. ``$`` next to a digit or a space is not math, so prices stay text ("$5 or $10").
+environments), plus rules here for ``\\(…\\)`` and ``\\[…\\]`` (on its own lines, or inside a
+paragraph), the delimiters models write most. ``$`` next to a digit or a space is not math, so
+prices stay text ("$5 or $10").
 A ``$$``, ``\\[`` or ``\\begin{…}`` without its closing delimiter is not math at all: while a
 reply streams one, it is plain text until the delimiter arrives, and the text after it is
 unaffected. A math block never holds a blank line (amsmath's own rule would look for its
@@ -95,7 +96,7 @@ def _write(element: Element, out: list[str]) -> None:
     out.append(_text(element.tail))
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=512)  # a 2,000-character formula makes about 28 KB of MathML
 def latex_to_mathml(latex: str, display: bool) -> str:
     """Allow-listed MathML for ``latex``, or its source as code when it does not convert."""
     try:
@@ -108,18 +109,24 @@ def latex_to_mathml(latex: str, display: bool) -> str:
     return "".join(out)
 
 
+BRACKET_INLINE = {"\\(": ("\\)", "math_inline"), "\\[": ("\\]", "math_inline_double")}
+
+
 def _bracket_inline(state: StateInline, silent: bool) -> bool:
-    """``\\(…\\)`` in a line of text (before markdown-it's backslash escapes see it)."""
+    """``\\(…\\)``, or ``\\[…\\]`` (display) inside a paragraph (before markdown-it's
+    backslash escapes see them)."""
     start = state.pos
-    if not state.src.startswith("\\(", start):
+    opener = state.src[start:start + 2]
+    if opener not in BRACKET_INLINE:
         return False
-    end = state.src.find("\\)", start + 2, state.posMax)
+    closer, token_type = BRACKET_INLINE[opener]
+    end = state.src.find(closer, start + 2, state.posMax)
     if end < 0 or not state.src[start + 2:end].strip():
         return False
     if not silent:
-        token = state.push("math_inline", "math", 0)
+        token = state.push(token_type, "math", 0)
         token.content = state.src[start + 2:end]
-        token.markup = "\\("
+        token.markup = opener
     state.pos = end + 2
     return True
 
@@ -158,7 +165,13 @@ def _amsmath_without_blank_lines(state: StateBlock, start_line: int, end_line: i
     line = start_line + 1
     while line < end_line and not state.isEmpty(line):
         line += 1
-    return amsmath_block(state, start_line, line, silent)
+    if not amsmath_block(state, start_line, line, silent):
+        return False
+    if not silent:
+        # mdit-py-plugins 0.7.0 maps the block to [first line, last line]; markdown-it's maps
+        # (and markdown_blocks' cut) end after the last line.
+        state.tokens[-1].map = [start_line, state.line]
+    return True
 
 
 def add_math(md: MarkdownIt) -> None:
