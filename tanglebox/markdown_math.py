@@ -99,13 +99,12 @@ def _write(element: Element, out: list[str]) -> None:
 @lru_cache(maxsize=512)  # a 2,000-character formula makes about 28 KB of MathML
 def latex_to_mathml(latex: str, display: bool) -> str:
     """Allow-listed MathML for ``latex``, or its source as code when it does not convert."""
+    out: list[str] = []
     try:
         _check_size(latex)
-        tree = convert_to_element(latex, display="block" if display else "inline")
+        _write(convert_to_element(latex, display="block" if display else "inline"), out)
     except Exception:  # latex2mathml raises its own errors, and RecursionError, on bad input
         return f'<code class="math-source">{escapeHtml(latex)}</code>'
-    out: list[str] = []
-    _write(tree, out)
     return "".join(out)
 
 
