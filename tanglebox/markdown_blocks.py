@@ -32,8 +32,10 @@ How a block is known to be finished (markdown-it-py's own block tokens decide, n
   again and, if its HTML changed, the update says so (``replaced``) and carries it all.
 
 An open fenced code block is the one block that grows at its end only: inside a fence a whole
-line is code for good, and its HTML is the line escaped. So while the open tail is one code
-block, :class:`OpenCode` carries its new whole lines once and the line being written again.
+line is code for good, and its HTML is the line escaped (a fence is highlighted only once
+closed: ``markdown_render``). So while the open tail is one unclosed code block,
+:class:`OpenCode` carries its new whole lines once and the line being written again; once its
+closing fence arrives, the block, now coloured, is sent whole until the next block begins.
 
 Safety (SECURITY.md, "a payload split across stream chunks"): every HTML string produced here
 is the safe renderer's output (``markdown_render``: raw HTML off, links checked) for whole

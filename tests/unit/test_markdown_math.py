@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tanglebox.markdown_math import _write
 from tanglebox.markdown_render import render_markdown
-from tests.unit.test_markdown_blocks import every_character, stream
+from tests.unit.test_markdown_blocks import every_character, stream, streamed
 from tests.unit.test_markdown_render import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, elements
 
 # What MathML may reach the page: written out here, not imported, so a looser list in the code
@@ -131,20 +131,17 @@ WORDS = ["x", "$x$", "\\(y\\)", "$$", "\\[", "\\]", "a | b", "**b**", "`c`", "$5
 
 
 @st.composite
-def math_markdown(draw) -> tuple[str, list[int]]:
+def math_markdown(draw) -> str:
     lines = draw(st.lists(st.tuples(st.sampled_from(LINE_STARTS),
                                     st.lists(st.sampled_from(WORDS), max_size=3)),
                           min_size=1, max_size=12))
-    text = "".join(start + " ".join(words) + draw(st.sampled_from(["\n"] * 5 + ["\n\n"]))
+    return "".join(start + " ".join(words) + draw(st.sampled_from(["\n"] * 5 + ["\n\n"]))
                    for start, words in lines)
-    sizes = draw(st.lists(st.integers(1, 8), max_size=len(text)))
-    cuts = [sum(sizes[:i + 1]) for i in range(len(sizes)) if sum(sizes[:i + 1]) < len(text)]
-    return text, cuts
 
 
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(math_markdown())
+@given(streamed(math_markdown()))
 def test_streamed_math_equals_the_one_shot_render_at_every_step(case):
     text, cuts = case
     page = stream(text, cuts)
