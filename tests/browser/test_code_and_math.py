@@ -38,8 +38,8 @@ print(f"{area(2.0):.2f}")  # 12.57
 ```
 
 And \[ \sum_{i=1}^{n} i = \frac{n(n+1)}{2} \] sums the first $n$ numbers."""
-# What each scheme's stylesheet gives a keyword: Pygments' "default" and "github-dark" styles.
-KEYWORD_COLOUR = {"light": "rgb(0, 128, 0)", "dark": "rgb(255, 123, 114)"}
+# What each scheme's stylesheet gives a keyword: Pygments' "xcode" and "github-dark" styles.
+KEYWORD_COLOUR = {"light": "rgb(169, 13, 145)", "dark": "rgb(255, 123, 114)"}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +61,12 @@ def test_code_is_highlighted_and_math_is_drawn(open_page, server, color_scheme, 
     content = finished_reply(page).locator(".message__content")
 
     code = content.locator(".code-block code.language-python")
-    keyword, function, comment = (code.locator(f"span.{name}").first
-                                  for name in ("k", "nf", "c1"))
+    keyword, string, comment = (code.locator(f"span.{name}").first
+                                for name in ("k", "s2", "c1"))
     expect(keyword).to_have_text("def")
-    expect(function).to_have_text("area")
+    expect(comment).to_have_text("# pi times the radius squared")
     assert colour(keyword) == KEYWORD_COLOUR[color_scheme]
-    assert len({colour(keyword), colour(function), colour(comment), colour(code)}) == 4
+    assert len({colour(keyword), colour(string), colour(comment), colour(code)}) == 4
     assert code.locator("[style]").count() == 0
 
     formulas = content.locator("math")

@@ -70,3 +70,33 @@ def test_the_committed_stylesheets_are_pygments_output(theme):
     committed = stylesheet_path(theme).read_text(encoding="utf-8")
     assert committed == stylesheet(theme), "run: python -m scripts.pygments_css"
     assert re.search(r"^\.code-block code \.k \{ color: #", committed, re.MULTILINE)
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG 2's contrast ratio of two #rgb or #rrggbb colours."""
+    def luminance(colour: str) -> float:
+        hex_digits = colour.lstrip("#")
+        if len(hex_digits) == 3:
+            hex_digits = "".join(digit * 2 for digit in hex_digits)
+        channels = [int(hex_digits[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+                   for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    lighter, darker = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+@pytest.mark.parametrize("theme", sorted(THEMES))
+def test_every_token_colour_is_readable_on_the_code_background(theme):
+    # app.css: the light --code-bg first, the dark one in its prefers-color-scheme block.
+    app_css = (stylesheet_path(theme).parent / "app.css").read_text(encoding="utf-8")
+    backgrounds = re.findall(r"--code-bg: (#[0-9a-fA-F]{6});", app_css)
+    code_bg = backgrounds[0] if theme == "light" else backgrounds[1]
+    rules = re.findall(r"^\.code-block code \.(\S+) \{ color: (#[0-9A-Fa-f]{3,6})"
+                       r"(?:; background-color: (#[0-9A-Fa-f]{3,6}))?",
+                       stylesheet_path(theme).read_text(encoding="utf-8"), re.MULTILINE)
+    assert len(rules) > 20
+    unreadable = [(token, colour) for token, colour, background in rules
+                  if token != "w"  # whitespace: no glyphs to read
+                  and contrast(colour, background or code_bg) < 4.5]
+    assert unreadable == []  # WCAG AA for text
