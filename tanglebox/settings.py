@@ -134,6 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quantization", "auto", str,
             "transformers weights: `auto` (8bit when `use8BitCompression`), `none`, `8bit`, `4bit`.",
             choices=("auto", "none", "8bit", "4bit")),
+    Setting("kvCacheType", "f16", str,
+            "llama.cpp's KV cache precision: `f16`, `q8_0` (half the memory per token of "
+            "context), `q4_0` (about a quarter); quantized caches use flash attention.",
+            choices=("f16", "q8_0", "q4_0")),
     Setting("nGpuLayers", -1, int,
             "llama.cpp layers to offload to the GPU; -1 all (when built with GPU support).",
             minimum=-1),

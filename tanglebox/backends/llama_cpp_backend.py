@@ -45,6 +45,10 @@ BATCH_TOKENS = 512  # tokens per decode call: prompt chunks are cut to fit besid
 # about the same (matrix products are compute-bound), so a 512-token chunk would stall every
 # stream for the time of 512 tokens; 64 keeps a stream's pause under ~10x a normal step.
 CPU_PREFILL_CHUNK = 64
+# The KV cache precisions llama.cpp's CPU (and CUDA) flash-attention kernels support for both
+# K and V (the setting ``kvCacheType``).
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                  "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 def gpu_offload_supported() -> bool:
@@ -61,7 +65,7 @@ class LlamaCppBackend:
     supports_grammar = True
 
     def __init__(self, path: Path, context_length: int, slots: int, gpu_layers: int,
-                 device: str, verbose: bool = False) -> None:
+                 device: str, verbose: bool = False, kv_cache_type: str = "f16") -> None:
         llama_logger.set_verbose(verbose)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -87,11 +91,17 @@ class LlamaCppBackend:
         ctx_params.kv_unified = False  # a KV stream per sequence: no cross-slot attention work
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
+        self.kv_cache_type = kv_cache_type
+        ctx_params.type_k = ctx_params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        if kv_cache_type != "f16":  # llama.cpp keeps a quantized V cache only with it
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise BackendError(f"llama.cpp could not create a context of {ctx_params.n_ctx} "
-                               "tokens; lower \"contextLength\" or \"parallelSlots\"")
+                               f"tokens with a {kv_cache_type} KV cache; lower "
+                               "\"contextLength\" or \"parallelSlots\", or use "
+                               "\"kvCacheType\": \"f16\"")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
@@ -116,7 +126,8 @@ class LlamaCppBackend:
         return cls(location.path, settings["contextLength"], settings["parallelSlots"],
                    gpu_layers=999 if layers < 0 else layers,
                    device=device if on_gpu else "cpu",
-                   verbose=settings["enableModelDebugOutput"])
+                   verbose=settings["enableModelDebugOutput"],
+                   kv_cache_type=settings["kvCacheType"])
 
     # -- tokens ---------------------------------------------------------------------------
 
