@@ -65,11 +65,13 @@ def test_the_budget_covers_every_model_in_the_folder(tmp_path):
     assert len(files(tmp_path)) == 2
 
 
-def test_a_state_bigger_than_the_budget_is_not_saved(tmp_path):
+def test_a_state_bigger_than_the_budget_is_not_saved_and_evicts_nothing(tmp_path):
     states = folder(tmp_path, budget=MB)
-    states.write([1], bytes(2 * MB))
-    assert not files(tmp_path)
-    assert states.longest_prefix([1]) is None
+    states.write([1], b"a small state")
+    states.write([2], bytes(2 * MB))
+    assert states.longest_prefix([2]) is None
+    assert states.longest_prefix([1]) is not None
+    assert len(files(tmp_path)) == 1
 
 
 def test_another_models_states_are_not_seen_and_left_alone(tmp_path):
