@@ -21,6 +21,14 @@ def files(root: Path) -> set[Path]:
     return set((root / "kv-cache").rglob("*.kvstate"))
 
 
+def one_saved(root: Path) -> tuple[SavedStates, Path]:
+    """A folder holding one state, of the tokens [1, 2, 3], and its file."""
+    states = folder(root)
+    states.write([1, 2, 3], b"a state of some length")
+    (path,) = files(root)
+    return states, path
+
+
 def test_a_saved_state_is_found_by_the_longest_prefix_and_reads_back(tmp_path):
     states = folder(tmp_path)
     states.write([1, 2, 3, 4], b"state of 1234")
@@ -93,9 +101,7 @@ def test_a_file_of_another_model_in_this_models_folder_is_removed(tmp_path):
 
 
 def test_a_corrupt_state_is_removed_and_not_loaded(tmp_path):
-    states = folder(tmp_path)
-    states.write([1, 2, 3], b"a state of some length")
-    (path,) = files(tmp_path)
+    states, path = one_saved(tmp_path)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit in the state
     path.write_bytes(bytes(data))
@@ -106,9 +112,7 @@ def test_a_corrupt_state_is_removed_and_not_loaded(tmp_path):
 
 
 def test_a_cut_short_or_foreign_file_is_removed_at_start(tmp_path):
-    states = folder(tmp_path)
-    states.write([1, 2, 3], b"a state")
-    (path,) = files(tmp_path)
+    states, path = one_saved(tmp_path)
     path.write_bytes(path.read_bytes()[:20])  # a crash mid-copy, by hand
     (states.folder / "junk.kvstate").write_bytes(b"not a state at all")
     restarted = folder(tmp_path)
@@ -117,9 +121,7 @@ def test_a_cut_short_or_foreign_file_is_removed_at_start(tmp_path):
 
 
 def test_a_state_cut_short_after_its_header_is_removed_when_read(tmp_path):
-    states = folder(tmp_path)
-    states.write([1, 2, 3], b"a state of some length")
-    (path,) = files(tmp_path)
+    states, path = one_saved(tmp_path)
     state, _ = states.longest_prefix([1, 2, 3])
     path.write_bytes(path.read_bytes()[:-4])
     assert states.read(state) is None
