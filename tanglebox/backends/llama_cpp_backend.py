@@ -269,7 +269,8 @@ class LlamaCppBackend:
     def _save_before_drop(self, slot: int, keep: int) -> None:
         """Save the slot's sequence when ``forget(slot, keep)`` would drop a long run of it.
         On the engine's thread, which owns the context: llama.cpp copies the state in memory
-        in a few milliseconds; writing the file costs about 2 ms per MB (README: Settings)."""
+        in a few milliseconds; with the file written, about 5 ms per MB on 2 busy CPU cores
+        (docs/benchmarks.md: a conversation's next turn after a restart)."""
         held = self._held[slot]
         if (self.saved_states is None or held is None or len(held) < MIN_SAVED_TOKENS
                 or len(held) - keep <= SAVED_STATE_SLACK or self.saved_states.holds(held)):
