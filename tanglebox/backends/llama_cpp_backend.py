@@ -130,8 +130,11 @@ class LlamaCppBackend:
         # never saved, until the slot is emptied).
         self._held: list[list[int] | None] = [[] for _ in range(slots)]
         if kv_cache is not None and kv_cache_bytes > 0:
-            self.saved_states = SavedStates(kv_cache, _fingerprint(path, ctx_params),
-                                            kv_cache_bytes)
+            try:
+                self.saved_states = SavedStates(kv_cache, _fingerprint(path, ctx_params),
+                                                kv_cache_bytes)
+            except OSError as err:  # a cache: serving goes on without it
+                log.warning("KV caches will not be saved: %s (kvCacheDirectory)", err)
 
     @classmethod
     def load(cls, settings: Settings, location: ModelLocation) -> "LlamaCppBackend":

@@ -101,3 +101,15 @@ def test_a_saved_state_llama_cpp_refuses_is_removed_and_the_prompt_read_in_full(
         engine.stop(drain_seconds=5)
     assert done.cached_tokens < 64
     assert done.completion_tokens > 0
+
+
+def test_a_kv_cache_folder_that_cannot_be_made_leaves_the_cache_off_not_the_server(
+        tmp_path, caplog):
+    (tmp_path / "kv-cache").write_text("a file where the folder would be")
+    engine = start(tmp_path)
+    try:
+        done = ask(engine, (Message(USER, "What is 2 + 2?"),))
+    finally:
+        engine.stop(drain_seconds=5)
+    assert "4" in done.text
+    assert "KV caches will not be saved" in caplog.text and "kv-cache" in caplog.text
