@@ -91,10 +91,12 @@ class SavedStates:
             with open(state.path, "rb") as file:
                 header = file.read(HEADER.size)
                 count, size, crc = self._check_header(header)
+                if os.fstat(file.fileno()).st_size != HEADER.size + count * TOKEN.itemsize + size:
+                    raise ValueError("its length does not match its header")
                 tokens = file.read(count * TOKEN.itemsize)
                 data = bytearray(size)
-                if file.readinto(data) != size or file.read(1):
-                    raise ValueError("its length does not match its header")
+                if file.readinto(data) != size:
+                    raise ValueError("it was cut short while being read")
         except FileNotFoundError:  # evicted by another process meanwhile
             self._states.pop(state.path.name, None)
             return None

@@ -126,3 +126,13 @@ def test_a_state_cut_short_after_its_header_is_removed_when_read(tmp_path):
     path.write_bytes(path.read_bytes()[:-4])
     assert states.read(state) is None
     assert not files(tmp_path)
+
+
+def test_a_header_claiming_a_huge_state_is_removed_without_reading_it(tmp_path):
+    states, path = one_saved(tmp_path)
+    state, _ = states.longest_prefix([1, 2, 3])
+    data = bytearray(path.read_bytes())
+    data[44:52] = (1 << 60).to_bytes(8, "little")  # the state size: an exabyte
+    path.write_bytes(bytes(data))
+    assert states.read(state) is None
+    assert not files(tmp_path)
