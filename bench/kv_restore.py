@@ -3,8 +3,9 @@
 ``python -m bench.kv_restore [--tokens 2000] [--rounds 3]``
 
 Once: a conversation of about ``--tokens`` prompt tokens gets its first reply from an engine
-with a KV cache folder, and the engine stops (the llama.cpp backend saves the slot's state as
-it closes); the folder is kept as it is then. Each round then starts two fresh backends and
+with a KV cache folder; the slot is then dropped (``forget``, timed: the save the engine's
+thread does when it gives a slot to another conversation) and the engine stops; the folder is
+kept as it is then. Each round then starts two fresh backends and
 engines, as a restarted server would, and asks both the conversation's next turn (the history,
 the reply, a new question) at temperature 0:
 
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
           f"load average before {load_before[0]:.2f}, after {load_average()[0]:.2f}")
     print(f"conversation: {first.prompt_tokens} prompt tokens at the first turn; saved state "
           f"{saved_mb:.1f} MB, saved in {save_s * 1000:.0f} ms "
-          f"({save_s * 1000 / saved_mb:.1f} ms/MB); next turn at temperature 0, {REPLY_TOKENS} new tokens at most\n")
+          f"({save_s * 1000 / saved_mb:.1f} ms/MB); next turn at temperature 0, "
+          f"{REPLY_TOKENS} new tokens at most\n")
     print("| round | restored: TTFT s | cached tokens | cold: TTFT s | prompt tokens | "
           "restored ÷ cold | same reply |")
     print("|---|---|---|---|---|---|---|")
