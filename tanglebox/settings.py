@@ -141,6 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nGpuLayers", -1, int,
             "llama.cpp layers to offload to the GPU; -1 all (when built with GPU support).",
             minimum=-1),
+    Setting("kvCacheDiskMegabytes", 2048, int,
+            "Disk for saved KV caches (llama.cpp): a long conversation's cache is saved when its "
+            "slot goes to another conversation and at shutdown, and loaded for its next turn, "
+            "also after a restart; least recently used first out; 0: off.", minimum=0),
+    Setting("kvCacheDirectory", "kv-cache", str,
+            "Folder of the saved KV caches, relative to settings.json."),
     Setting("apiTokensFile", "apiTokens.txt", str,
             "Token file (`name:token` lines, or hashed `name:sha256:hex`), relative to settings.json."),
     Setting("uiRequiresToken", "auto", str,
