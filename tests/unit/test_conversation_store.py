@@ -9,7 +9,7 @@ import pytest
 
 from tanglebox.conversation_store import ConversationStore, title_from
 from tanglebox.database import open_database
-from tests.postgres import database_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
+from tests.postgres import database_url, postgres_server  # noqa: F401 - fixtures
 
 ALICE, BOB = "a" * 64, "b" * 64
 SETTINGS = {"temperature": 0.7, "maxNewTokens": 128, "systemPrompt": ""}
