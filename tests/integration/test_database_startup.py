@@ -8,13 +8,15 @@ import sqlite3
 
 import pytest
 
-from tanglebox.conversation_store import conversation_store
+from tanglebox.conversation_store import ConversationStore, conversation_store
+from tanglebox.database import open_database
 from tanglebox.runtime import Runtime
 from tanglebox.settings import load_settings
 from tanglebox.web import create_app
 from tests.commands import one_error_line, run_app
 from tests.conftest import write_settings
 from tests.live_server import free_port
+from tests.postgres import postgres_server  # noqa: F401 - the fixture
 
 # Nothing listens there: the settings serve a remote model, so no model loads before the
 # worker opens the database.
@@ -54,6 +56,21 @@ def test_a_restart_keeps_a_reply_cut_short_and_marks_it_interrupted(tmp_path):
     saved = after.branch(conversation.id)
     assert [(m.content, m.state, m.note) for m in saved] == [
         ("Count to ten", "done", ""), ("1, 2, 3", "interrupted", "Interrupted")]
+
+
+def test_the_server_opens_a_postgresql_database_in_its_worker(fake_server, postgres_server):
+    """Under gunicorn + gevent, with psycopg: migrated, and a reply a dead process left
+    writing is marked interrupted, before /health says ok."""
+    url = postgres_server.create_database()
+    database = open_database(url)
+    store = ConversationStore(database)
+    conversation = store.create("a" * 64, "page", "", {})
+    question = store.add_message(conversation.id, None, "user", "Still there?")
+    store.add_message(conversation.id, question.id, "assistant", "Yes, I", state="writing")
+    fake_server.start(fake={}, databaseUrl=url)
+    assert [(m.content, m.state) for m in store.branch(conversation.id)] == [
+        ("Still there?", "done"), ("Yes, I", "interrupted")]
+    database.close()
 
 
 def test_an_unknown_database_scheme_is_one_line_and_exit_2(tmp_path):
