@@ -39,6 +39,9 @@ MESSAGE_STATES = ("writing", "done", "stopped", "interrupted", "failed")
 ROLES = ("user", "assistant")
 SURFACES = ("page", "widget")
 INTERRUPTED_NOTE = "Interrupted"
+# A deleted conversation can be restored (undo) this long; then it is removed for good, at the
+# next start or the next delete.
+DELETED_KEPT = timedelta(days=1)
 TITLE_CHARS = 60
 # What an assistant message records of how it was made (keyword arguments of add_message
 # and update_reply).
@@ -143,13 +146,15 @@ class ConversationStore:
             return True
 
     def delete(self, conversation_id: str, owner: str) -> bool:
-        """Hide the conversation at once; ``restore`` undoes it until ``purge_deleted``."""
+        """Hide the conversation at once; ``restore`` undoes it for DELETED_KEPT (older
+        deletions are purged now)."""
         with self.database.session() as session:
             row = _visible(session, conversation_id, owner)
             if row is None:
                 return False
             row.deleted_at = _now()
-            return True
+        self.purge_deleted(DELETED_KEPT)
+        return True
 
     def restore(self, conversation_id: str, owner: str) -> bool:
         with self.database.session() as session:
@@ -209,8 +214,7 @@ class ConversationStore:
         conversation while it has no title."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        _check_state(state)
-        _check_metadata(metadata)
+        _check_fields(state, metadata)
         now = _now()
         with self.database.session() as session:
             conversation = session.get(ConversationRow, conversation_id)
@@ -234,8 +238,7 @@ class ConversationStore:
     def update_reply(self, message_id: int, content: str, state: str, note: str = "",
                      **metadata: Any) -> None:
         """The reply's text so far (state "writing"), or at its end with its metadata."""
-        _check_state(state)
-        _check_metadata(metadata)
+        _check_fields(state, metadata)
         now = _now()
         with self.database.session() as session:
             message = session.get(MessageRow, message_id)
@@ -287,6 +290,7 @@ def open_conversations(app: Flask, database: Database) -> ConversationStore:
     if interrupted:
         log.info("%d replies were being written when the server stopped: marked interrupted",
                  interrupted)
+    store.purge_deleted(DELETED_KEPT)
     return store
 
 
@@ -316,12 +320,9 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _check_state(state: str) -> None:
+def _check_fields(state: str, metadata: dict[str, Any]) -> None:
     if state not in MESSAGE_STATES:
         raise ValueError(f"state must be one of {', '.join(MESSAGE_STATES)}, got {state!r}")
-
-
-def _check_metadata(metadata: dict[str, Any]) -> None:
     unknown = sorted(set(metadata) - set(METADATA_FIELDS))
     if unknown:
         raise TypeError(f"unknown message metadata: {', '.join(unknown)}; known: "

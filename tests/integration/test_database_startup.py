@@ -5,11 +5,13 @@ database it cannot use is one line and exit status 2."""
 from __future__ import annotations
 
 import sqlite3
+from datetime import timedelta
 
 import pytest
 
 from tanglebox.conversation_store import ConversationStore, conversation_store
 from tanglebox.database import open_database
+from tanglebox.db_schema import ConversationRow
 from tanglebox.runtime import Runtime
 from tanglebox.settings import load_settings
 from tanglebox.web import create_app
@@ -56,6 +58,19 @@ def test_a_restart_keeps_a_reply_cut_short_and_marks_it_interrupted(tmp_path):
     saved = after.branch(conversation.id)
     assert [(m.content, m.state, m.note) for m in saved] == [
         ("Count to ten", "done", ""), ("1, 2, 3", "interrupted", "Interrupted")]
+
+
+def test_a_start_removes_for_good_what_was_deleted_over_a_day_ago(tmp_path):
+    settings = load_settings(write_settings(tmp_path))
+    before = conversation_store(create_app(settings, Runtime(settings)))
+    conversation = before.create("a" * 64, "page", "", {})
+    before.add_message(conversation.id, None, "user", "forget me")
+    before.delete(conversation.id, "a" * 64)
+    with before.database.session() as session:  # as if deleted two days ago
+        session.get(ConversationRow, conversation.id).deleted_at -= timedelta(days=2)
+    after = conversation_store(create_app(settings, Runtime(settings)))
+    assert not after.restore(conversation.id, "a" * 64)
+    assert after.branch(conversation.id) == []
 
 
 def test_the_server_opens_a_postgresql_database_in_its_worker(fake_server, postgres_server):
