@@ -45,6 +45,7 @@ EXTENSION = "tanglebox.database"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_SECONDS = 15
 CONNECT_TIMEOUT_SECONDS = 10
+POOL_SIZE, POOL_OVERFLOW = 10, 20  # PostgreSQL connections kept, and opened beyond them
 # pg_advisory_xact_lock's key: any constant the deployment's other programs do not use
 # ("tangle" in ASCII).
 MIGRATION_LOCK_KEY = 0x74616E676C65
@@ -116,7 +117,10 @@ def _create_engine(url: URL) -> Engine:
     try:
         if url.get_backend_name() == "sqlite":
             return _sqlite_engine(url)
-        return create_engine(url, pool_pre_ping=True,
+        # Under gevent a session waits for the server without holding the worker, so many
+        # may be open at once (replies saving as they grow, sockets loading): a larger pool.
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE,
+                             max_overflow=POOL_OVERFLOW,
                              connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
     except (ArgumentError, NoSuchModuleError) as err:
         raise DatabaseError(f"cannot use {url.render_as_string(hide_password=True)}: {err}") \
