@@ -89,9 +89,10 @@ def test_the_server_opens_a_postgresql_database_in_its_worker(fake_server, postg
 
 
 def test_an_unknown_database_scheme_is_one_line_and_exit_2(tmp_path):
-    path = write_settings(tmp_path, databaseUrl="mysql://db.example/chats")
-    one_error_line(run_app(tmp_path, path), '"databaseUrl" must be sqlite:///FILE or '
-                                            "postgresql+psycopg://", "mysql://db.example")
+    path = write_settings(tmp_path, databaseUrl="mysql://chat:hunter2@db.example/chats")
+    line = one_error_line(run_app(tmp_path, path), '"databaseUrl" must be sqlite:///FILE or '
+                                                   'postgresql+psycopg://', 'starting "mysql"')
+    assert "hunter2" not in line
 
 
 @pytest.mark.parametrize("url, message", [
