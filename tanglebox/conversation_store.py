@@ -195,7 +195,7 @@ class ConversationStore:
         return path[::-1]
 
     def alternatives(self, message_id: int) -> list[int]:
-        """The ids of this message and its siblings of the same role, oldest first: "‹ 2/3 ›"."""
+        """This message's id and its siblings' of the same role, oldest first: "‹ 2/3 ›"."""
         with self.database.session() as session:
             message = session.get(MessageRow, message_id)
             if message is None:
