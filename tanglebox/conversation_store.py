@@ -141,8 +141,7 @@ class ConversationStore:
             row = _visible(session, conversation_id, owner)
             if row is None:
                 return False
-            row.title = title
-            row.updated_at = _now()
+            row.title = title  # updated_at stays: a rename does not move it up the list
             return True
 
     def delete(self, conversation_id: str, owner: str) -> bool:
@@ -167,11 +166,14 @@ class ConversationStore:
     def purge_deleted(self, older_than: timedelta) -> int:
         """Remove the conversations deleted more than ``older_than`` ago, with their messages."""
         cutoff = _now() - older_than
-        doomed = select(ConversationRow.id).where(ConversationRow.deleted_at < cutoff)
         with self.database.session() as session:
-            session.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(doomed)))
-            return session.execute(delete(ConversationRow)
-                                   .where(ConversationRow.deleted_at < cutoff)).rowcount
+            # The ids once, so both deletes agree even if one is restored meanwhile.
+            doomed = list(session.scalars(select(ConversationRow.id)
+                                          .where(ConversationRow.deleted_at < cutoff)))
+            if doomed:
+                session.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(doomed)))
+                session.execute(delete(ConversationRow).where(ConversationRow.id.in_(doomed)))
+            return len(doomed)
 
     def update_settings(self, conversation_id: str, settings: dict) -> None:
         with self.database.session() as session:

@@ -113,6 +113,8 @@ def test_the_list_is_newest_first_per_surface_and_site_and_skips_empty_chats(sto
     conversation_with(store, "bob's", owner=BOB)
     assert [c.id for c in store.list(ALICE, "page", "")] == [newer.id, older.id]
     assert [c.title for c in store.list(ALICE, "page", "")] == ["newer chat", "older chat"]
+    assert store.rename(older.id, ALICE, "renamed")  # a rename does not move it up
+    assert [c.title for c in store.list(ALICE, "page", "")] == ["newer chat", "renamed"]
     assert [c.id for c in store.list(ALICE, "widget", "https://a.example")] == [widget.id]
     assert store.list(ALICE, "widget", "https://b.example") == []
     store.add_message(older.id, store.branch(older.id)[-1].id, "assistant", "bumped")
