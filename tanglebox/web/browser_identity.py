@@ -18,7 +18,8 @@ Two cookies, because the page and the widget live in different places:
   cookie, so it is ``Partitioned; SameSite=None; Secure`` (CHIPS): the browser keeps it per
   top-level site, so each embedding site has its own, and one site never sees another's. A
   Secure cookie needs a secure context (https, or localhost in Chromium); elsewhere no cookie
-  is set and the widget starts a new conversation on every page view, as before.
+  is set and the widget starts a new conversation on every page view, as before. The
+  conversation's ``site`` is the embedding origin (:func:`embedding_site`).
 
 The cookie's value is never logged, rendered or sent anywhere but in this Set-Cookie.
 """
@@ -29,6 +30,7 @@ import hashlib
 import re
 import secrets
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, request
 
@@ -72,6 +74,20 @@ def widget_keeps_cookie() -> bool:
     context (https, or a loopback host, which Chromium treats as one)."""
     host = request.host.rsplit(":", 1)[0].strip("[]").lower()
     return request.is_secure or current_runtime().settings["useSsl"] or host in LOCAL_HOSTS
+
+
+def embedding_site(candidate: str | None = None) -> str:
+    """The origin of the site that frames the widget, when it is one of
+    ``widgetAllowedOrigins``: ``candidate`` (the widget's socket passes on the page's
+    ``?site=``), else the ``Referer``'s origin (the widget page's own request); "" otherwise.
+    Only a label that keeps each site's conversations apart in the list; the partitioned
+    cookie is what keeps them apart in the browser."""
+    if candidate is None:
+        referer = urlsplit(request.headers.get("Referer", ""))
+        candidate = f"{referer.scheme}://{referer.netloc}" if referer.netloc else ""
+    allowed = {o.lower().rstrip("/") for o in current_runtime().settings["widgetAllowedOrigins"]}
+    site = candidate.lower().rstrip("/")
+    return site if site in allowed else ""
 
 
 def _cookie_value(surface: str) -> str | None:
