@@ -15,10 +15,12 @@ import re
 import secrets
 
 import pytest
+import requests
 
 from tanglebox.api_tokens import add_token
 from tanglebox.conversation_store import conversation_store
 from tanglebox.web.browser_identity import PAGE_COOKIE, WIDGET_COOKIE
+from tests.live_server import wait_until
 
 SITE = "https://shop.example"
 OTHER_SITE = "https://blog.example"
@@ -262,3 +264,16 @@ def test_the_widget_reopens_this_browsers_latest_conversation_with_the_same_site
 
 def _file(content: bytes) -> io.BytesIO:
     return io.BytesIO(content)
+
+
+def test_the_browser_cookie_never_reaches_the_server_log(fake_server):
+    fake_server.start(fake={}, logFormat="json", enableWebLogOutput=True)
+    browser = requests.Session()
+    browser.get(fake_server.url + "/")
+    value = browser.cookies[PAGE_COOKIE]
+    assert browser.get(fake_server.url + "/history?q=anything").status_code == 200
+    assert browser.get(fake_server.url + "/c/" + "A" * 22).status_code == 404
+    wait_until(lambda: '"path": "/history"' in fake_server.log(), what="the access line")
+    fake_server.stop()
+    log = fake_server.log()
+    assert value not in log and hashlib.sha256(value.encode()).hexdigest() not in log  # ...not it
