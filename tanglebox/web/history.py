@@ -78,12 +78,18 @@ def history_items(current_id: str = "", query: str = "") -> list[HistoryItem]:
             for s in summaries]
 
 
+def find_owned(conversation_id: str) -> StoredConversation | None:
+    """This browser's page conversation with that id; None for every other case alike."""
+    if not CONVERSATION_ID.match(conversation_id):
+        return None
+    conversation = store().get(conversation_id, browser_id(PAGE))
+    return conversation if conversation is not None and conversation.surface == PAGE else None
+
+
 def owned_conversation(conversation_id: str) -> StoredConversation:
-    """This browser's page conversation with that id, else 404 (the same for every reason)."""
-    conversation = None
-    if CONVERSATION_ID.match(conversation_id):
-        conversation = store().get(conversation_id, browser_id(PAGE))
-    if conversation is None or conversation.surface != PAGE:
+    """:func:`find_owned`, or 404."""
+    conversation = find_owned(conversation_id)
+    if conversation is None:
         abort(404, description="No such conversation here.")
     return conversation
 
@@ -91,11 +97,9 @@ def owned_conversation(conversation_id: str) -> StoredConversation:
 @blueprint.get("/c/<conversation_id>")
 def conversation_page(conversation_id: str):
     """The chat page, showing a stored conversation of this browser."""
-    from tanglebox.web.pages import chat_page
-    conversation = None
-    if CONVERSATION_ID.match(conversation_id):
-        conversation = store().get(conversation_id, browser_id(PAGE))
-    if conversation is None or conversation.surface != PAGE:
+    from tanglebox.web.pages import chat_page  # pages imports this module's history_items
+    conversation = find_owned(conversation_id)
+    if conversation is None:
         return render_template("conversation_missing.html",
                                history=history_items(), query=""), 404
     return chat_page(conversation)
