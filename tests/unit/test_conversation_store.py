@@ -9,7 +9,7 @@ import pytest
 
 from tanglebox.conversation_store import ConversationStore, title_from
 from tanglebox.database import open_database
-from tests.postgres import database_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
+from tests.postgres import database_url, postgres_server  # noqa: F401 - fixtures
 
 ALICE, BOB = "a" * 64, "b" * 64
 SETTINGS = {"temperature": 0.7, "maxNewTokens": 128, "systemPrompt": ""}
@@ -167,10 +167,23 @@ def test_regenerate_keeps_the_earlier_reply_as_an_alternative_and_select_flips_b
     assert store.get(conversation.id, ALICE).current_leaf_id == follow_reply.id
     assert [m.content for m in store.branch(conversation.id)] == \
         ["Name a colour", "Red", "Another?", "Blue"]
+    store.select(conversation.id, question.id)  # its newest child, "Green", is shown
+    assert [m.content for m in store.branch(conversation.id)] == ["Name a colour", "Green"]
+    store.select(conversation.id, first.id)
     store.select(conversation.id, second.id)
     assert [m.content for m in store.branch(conversation.id)] == ["Name a colour", "Green"]
     with pytest.raises(ValueError):
         store.select(conversation_with(store, "other").id, first.id)
+
+
+def test_alternatives_are_the_siblings_of_the_same_role(store):
+    conversation = store.create(ALICE, "page", "", SETTINGS)
+    question = store.add_message(conversation.id, None, "user", "Hello?")
+    reply = store.add_message(conversation.id, question.id, "assistant", "", state="failed")
+    again = store.add_message(conversation.id, question.id, "user", "Anyone there?")
+    assert store.alternatives(reply.id) == [reply.id]
+    assert store.alternatives(again.id) == [again.id]
+    assert store.alternatives(10**9) == []
 
 
 def test_editing_the_first_prompt_makes_a_sibling_root(store):
