@@ -30,6 +30,8 @@ from flask import (Blueprint, Response, abort, current_app, redirect, render_tem
                    request)
 
 from tanglebox.client_json import RequestError, decode_json
+from tanglebox.conversation_export import (export_html, export_json, export_markdown,
+                                           import_json)
 from tanglebox.conversation_store import (ConversationStore, ConversationSummary,
                                           StoredConversation, conversation_store)
 from tanglebox.web.browser_identity import PAGE, browser_id
@@ -144,7 +146,6 @@ def export(conversation_id: str):
     kind = request.args.get("format", "md")
     if kind not in EXPORTS:
         abort(400, description="format: must be one of md, json, html.")
-    from tanglebox.conversation_export import export_html, export_json, export_markdown
     messages = store().branch(conversation_id)
     if kind == "md":
         body = export_markdown(conversation, messages)
@@ -172,7 +173,6 @@ def import_conversation():
         abort(400, description=str(error))
     if not isinstance(document, dict):
         abort(400, description="file: must hold a JSON object (a Tanglebox export).")
-    from tanglebox.conversation_export import import_json
     try:
         conversation = import_json(store(), browser_id(PAGE), PAGE, "", document)
     except ValueError as error:
