@@ -39,6 +39,9 @@ ENDPOINT_FIELDS: dict[str, tuple[type, bool]] = {
     "name": (str, True), "baseUrl": (str, True), "model": (str, False),
     "apiKeyEnv": (str, False), "maxConcurrent": (int, False), "timeoutSeconds": (int, False)}
 UPSTREAM_URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s?#]*)?")
+# The databases Tanglebox supports (tanglebox.database checks the rest when it connects).
+DATABASE_URL = re.compile(r"(sqlite|sqlite\+pysqlite|postgresql|postgresql\+psycopg)://.*",
+                          re.DOTALL)
 
 
 class SettingsError(Exception):
@@ -188,6 +191,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("widgetModel", "", str,
             "The model widget conversations use: a served model's id (the local model's, or a "
             "`remoteEndpoints` name); empty: the default model. The widget has no model picker."),
+    # Conversations storage (README: Conversations storage).
+    Setting("databaseUrl", "sqlite:///tanglebox.db", str,
+            "Where the chat UI's conversations are kept: `sqlite:///FILE` (relative to "
+            "settings.json) or `postgresql+psycopg://USER:PASSWORD@HOST/NAME`."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -365,6 +372,10 @@ def _check_combinations(settings: Settings) -> None:
             raise SettingsError(f"{where}: \"metricsAllowedAddresses\" entries must be IP "
                                 f"addresses or networks like 10.0.0.0/8; got {_shown(entry)}") \
                 from None
+    if not DATABASE_URL.fullmatch(v["databaseUrl"]):
+        raise SettingsError(f"{where}: \"databaseUrl\" must be sqlite:///FILE or "
+                            "postgresql+psycopg://USER:PASSWORD@HOST/NAME; got "
+                            f"{_shown(v['databaseUrl'])}")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
             if not ORIGIN.fullmatch(origin):

@@ -24,6 +24,8 @@ from flask import Flask, Response, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException, default_exceptions
 
+from tanglebox.conversation_store import open_conversations
+from tanglebox.database import Database, database_url, open_database
 from tanglebox.runtime import Refused, Runtime
 from tanglebox.settings import Settings
 from tanglebox.web import security
@@ -32,10 +34,14 @@ from tanglebox.web.connection_limits import ConnectionGuard, ConnectionLimits
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
+def create_app(settings: Settings, runtime: Runtime | None = None,
+               database: Database | None = None) -> Flask:
+    """The app; it opens (and migrates) ``databaseUrl`` unless given ``database``: a
+    DatabaseError is the start-up error."""
     app = Flask("tanglebox", root_path=str(ROOT), template_folder="templates",
                 static_folder="static")
     app.extensions["tanglebox"] = runtime or Runtime(settings)
+    open_conversations(app, database or open_database(database_url(settings)))
     app.config.update(
         MAX_CONTENT_LENGTH=settings["maxRequestBytes"],
         # Flask caps a form field at 500 kB by default; a form prompt may be as long as JSON.
