@@ -148,20 +148,25 @@ class ReplyRun:
         try:
             while outcome is None:
                 event = self.generation.next_event(READ_POLL_SECONDS)
-                if isinstance(event, Delta):
-                    self._store_once()
-                    self.text += event.text
-                    self._save_now_and_then()
-                    self._wake()
-                elif event is not None:
-                    outcome = event
-                elif self._stop_reason and (time.monotonic() - self._stopped_at
-                                            > STOP_GRACE_SECONDS):
+                if event is None and self._stop_reason and (
+                        time.monotonic() - self._stopped_at > STOP_GRACE_SECONDS):
                     break
+                outcome = self._take(event)
         except Exception:  # noqa: BLE001 - a failed save must still end the run for its pages
             log.exception("a reply run failed")
             outcome = Error(ErrorCode.INTERNAL, "The reply could not be saved.")
         self._finish(outcome)
+
+    def _take(self, event: Delta | Done | Error | None) -> Done | Error | None:
+        """One event read: the text grows (saved now and then, watchers woken), or the
+        final event, returned."""
+        if isinstance(event, Delta):
+            self._store_once()
+            self.text += event.text
+            self._save_now_and_then()
+            self._wake()
+            return None
+        return event
 
     def _store_once(self) -> None:
         if self.message_id is not None:
@@ -237,6 +242,8 @@ class ReplyRun:
 class ReplyRuns:
     """The replies being written, by conversation id: at most one per conversation."""
 
+    run_class: type[ReplyRun] = ReplyRun  # (bench/ui_deltas.py steps a run by hand)
+
     def __init__(self, saver: ReplySaver, finish_without_watchers: bool = True) -> None:
         self.saver = saver
         self.finish_without_watchers = finish_without_watchers
@@ -255,7 +262,7 @@ class ReplyRuns:
         if conversation_id in self._runs:
             generation.cancel()
             raise Busy(conversation_id)
-        run = ReplyRun(conversation_id, parent_id, prompt, generation, self.saver, metadata,
+        run = self.run_class(conversation_id, parent_id, prompt, generation, self.saver, metadata,
                        self.finish_without_watchers)
         run._on_end.append(self._forget)
         self._runs[conversation_id] = run

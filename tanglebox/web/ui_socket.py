@@ -94,6 +94,7 @@ from flask_sock import Sock
 
 from tanglebox.chat_request import ChatRequest, RequestError, parse_user_prompt
 from tanglebox.client_json import decode_json
+from tanglebox.conversation_store import conversation_store
 from tanglebox.generation import Generation
 from tanglebox.prompting import USER, Message
 from tanglebox.reply_runs import Busy, ReplyRun
@@ -136,7 +137,6 @@ from tanglebox.web.ui_reply_watch import (  # noqa: F401 - RenderPacer's names, 
 )
 from tanglebox.web.ui_settings import field_error, read_settings_form, settings_form_values
 
-STORE_KEY = "tanglebox.conversation_store"  # set at start-up (the database's wiring)
 IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
 FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
                 "maxNewTokens": "Max new tokens", "systemPrompt": "System prompt"}
@@ -162,7 +162,7 @@ def register(sock: Sock) -> None:
 def ui_chats(runtime: Runtime) -> UiChats:
     """This request's way to its browser's conversations."""
     surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
-    store = current_app.extensions[STORE_KEY]
+    store = conversation_store(current_app)
     page_id = request.args.get("page") or request.args.get("conversation") or ""
     if not CONVERSATION_ID.match(page_id):
         page_id = new_conversation_id()
@@ -198,12 +198,12 @@ class ChatSocket(ReplyWatching):
     reply_fragments: Callable[[Turn], ReplyFragments] = StreamedReply
 
     def __init__(self, ws, runtime: Runtime, conversation: Conversation, client_id: str,
-                 chats: UiChats) -> None:
+                 chats: UiChats | None = None) -> None:
         self.ws = ws
         self.runtime = runtime
         self.conversation = conversation
         self.client_id = client_id
-        self.chats = chats
+        self.chats = chats or ui_chats(runtime)  # (from the request: the socket's own)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -396,7 +396,7 @@ class ChatSocket(ReplyWatching):
     def _metadata(self) -> dict[str, Any]:
         """What is stored with the reply beside what its end brings (``reply_runs``)."""
         chat = self.conversation.settings
-        return {"model": self.runtime.resolve_model(chat.model or None), "seed": None,
+        return {"model": chat.model or self.runtime.default_model_id, "seed": None,
                 "sampling": {"temperature": chat.temperature,
                              "maxNewTokens": chat.max_new_tokens,
                              "systemPrompt": chat.system_prompt}}
