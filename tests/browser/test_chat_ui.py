@@ -228,8 +228,9 @@ def test_new_chat_clears_the_conversation(open_page, server):
     expect(page.locator(".turn")).to_have_count(0)
     expect(page.get_by_role("heading", name="What can I help with?")).to_be_visible()
     send(page, "echo fresh start")
-    # Turn ids never repeat in a page, so a late fragment can never land in the new chat.
-    expect(finished_reply(page, turn=2).locator(".message__content")).to_have_text("fresh start")
+    # A new conversation numbers its turns from 1: the socket stopped watching the old one's
+    # reply before it showed the new chat, so no late fragment of it lands here.
+    expect(finished_reply(page, turn=1).locator(".message__content")).to_have_text("fresh start")
     expect(page.locator(".turn")).to_have_count(1)
 
 
