@@ -153,7 +153,7 @@
 
 // The page's history (history.py): the sidebar, a drawer on a phone. This adds: opening and
 // closing the drawer, the page's URL following its conversation (/c/<id> once it is stored,
-// "/" after New chat: #messages carries data-conversation-url), the list refreshed when a
+// "/" after New chat: data-conversation-url in #messages), the list refreshed when a
 // reply ends or the conversation changes, and the import form sent once a file is chosen.
 (function () {
   "use strict";
@@ -206,12 +206,15 @@
   if (!app) return;
   var wasBusy = false;
   app.addEventListener("htmx:wsAfterMessage", function () {
-    var messages = document.getElementById("messages");
+    // #messages carries it on connect and New chat; a new conversation's first turn, once
+    // stored, carries it too (the latest in document order wins).
+    var marks = document.querySelectorAll(
+      "#messages[data-conversation-url], #messages [data-conversation-url]");
     var composer = document.getElementById("composer");
     var busy = !!composer && composer.classList.contains("is-busy");
     var changed = false;
-    if (messages && messages.hasAttribute("data-conversation-url")) {
-      var url = messages.getAttribute("data-conversation-url") || "/";
+    if (marks.length) {
+      var url = marks[marks.length - 1].getAttribute("data-conversation-url") || "/";
       if (url !== window.location.pathname) {
         window.history.replaceState(null, "", url);
         changed = true;

@@ -18,15 +18,15 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, current_app, jsonify, render_template
 
-from tanglebox.conversation_store import StoredConversation, StoredMessage, conversation_store
+from tanglebox.conversation_store import StoredConversation, conversation_store
 from tanglebox.runtime import RuntimeState, current_runtime
 from tanglebox.served_models import ModelStatus
 from tanglebox.web.browser_identity import browser_id, embedding_site, widget_keeps_cookie
 from tanglebox.web.history import history_items
 from tanglebox.web.security import allow_framing
 from tanglebox.web.signin import signed_in, ui_requires_token
-from tanglebox.web.ui_conversation import (PAGE, WIDGET, ChatSettings, Conversation,
-                                           new_conversation, new_conversation_id)
+from tanglebox.web.ui_conversation import (PAGE, WIDGET, UiChats, new_conversation_id,
+                                           page_conversations, reply_runs)
 from tanglebox.web.ui_fragments import ui_context
 
 blueprint = Blueprint("pages", __name__)
@@ -106,41 +106,24 @@ def widget():
 
 def _chat_page_context(surface: str, stored: StoredConversation | None,
                        site: str = "") -> dict:
+    """What the chat page renders: the conversation as the socket will show it (the same
+    bridge, ``ui_conversation.UiChats``, a reply being written included), and its socket URL:
+    the conversation's id, and this page's own id (``page``: what a New chat on this page
+    comes to mean; each page load gets a new one)."""
     runtime = current_runtime()
     settings = runtime.settings
-    if stored is None:
-        conversation_id = new_conversation_id()
-        conversation = new_conversation(conversation_id, surface, settings)
-    else:
-        conversation_id = stored.id
-        conversation = _shown_conversation(
-            stored, conversation_store(current_app).branch(stored.id),
-            new_conversation(stored.id, surface, settings))
-    query = {"conversation": conversation_id, "surface": surface}
+    store = conversation_store(current_app)
+    page_id = new_conversation_id()
+    chats = UiChats(store, reply_runs(current_app, store), page_conversations(current_app),
+                    browser_id(surface), surface, site, settings, page_id)
+    conversation = chats.open(stored.id if stored else None)
+    query = {"conversation": conversation.id, "page": page_id, "surface": surface}
     if site:
         query["site"] = site
     return {
         **ui_context(runtime, conversation),
         "socket_url": "/ws/chat?" + urlencode(query),
-        "conversation_url": f"/c/{stored.id}" if stored and surface == PAGE else "",
         "maintenance_message": settings["maintenanceMessage"] if settings["maintenanceMode"]
         else "",
         "signed_in": ui_requires_token() and signed_in(),
     }
-
-
-def _shown_conversation(stored: StoredConversation, branch: list[StoredMessage],
-                        defaults: Conversation) -> Conversation:
-    """The stored branch as the UI's turns (a person's message and the reply after it), with
-    the conversation's own settings over the defaults."""
-    chosen = {key: stored.settings[key] for key in ChatSettings.__dataclass_fields__
-              if key in stored.settings}
-    conversation = Conversation(stored.id, defaults.surface,
-                                ChatSettings(**{**vars(defaults.settings), **chosen}))
-    turn = None
-    for message in branch:
-        if message.role == "user":
-            turn = conversation.add_turn(message.content)
-        elif turn is not None:
-            turn.reply, turn.note = message.content, message.note
-    return conversation

@@ -27,9 +27,6 @@ expect.set_options(timeout=15_000)  # a bound for failing on a busy CI machine, 
 from tests.browser.conftest import DESKTOP, PHONE  # noqa: E402
 
 NOT_FOUND = ("Failed to load resource: the server responded with a status of 404 (NOT FOUND)",)
-# Until r17's UI socket loads the stored conversation, the socket's first sync (an empty
-# in-memory conversation) replaces the branch the page was rendered with.
-UNTIL_R17 = pytest.mark.xfail(strict=True, reason="needs r17: the UI socket reads the store")
 REPLY_DEADLINE_MS = 30_000  # a bound for failing, not a speed requirement
 CONVERSATION_PATH = re.compile(r".*/c/[A-Za-z0-9_-]{16,64}$")
 RECIPE = [
@@ -71,14 +68,13 @@ def history_titles(page) -> list[str]:
     return page.locator("#history-list .history__link").all_inner_texts()
 
 
-@UNTIL_R17
 def test_reloading_a_conversations_url_shows_it_with_the_sidebar(open_page, server):
     page = open_page(server.url)
     path = imported(page, server, "Sourdough", RECIPE)
     page.goto(server.url + path)
     expect(page.locator(".turn")).to_have_count(2)
     expect(page.locator("#messages")).to_contain_text("4 to 6 hours")
-    expect(page.locator("#messages strong")).to_have_text("4 to 6 hours")
+    expect(page.locator("#messages .message__content strong")).to_have_text("4 to 6 hours")
     current = page.locator("#history-list [aria-current=page]")
     expect(current).to_have_text("Sourdough")
     page.reload()
@@ -167,7 +163,6 @@ def test_at_phone_width_the_history_is_a_drawer(open_page, server, screenshots):
     expect(page).to_have_url(server.url + path)
 
 
-@UNTIL_R17
 def test_a_new_chat_is_listed_after_its_first_reply_and_the_url_follows(open_page, server):
     page = open_page(server.url, viewport=DESKTOP)
     expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
@@ -180,3 +175,9 @@ def test_a_new_chat_is_listed_after_its_first_reply_and_the_url_follows(open_pag
         "echo the first words of a new chat")
     page.reload()
     expect(page.locator("#messages")).to_contain_text("the first words of a new chat")
+    # New chat: the address goes back to "/", and the conversation left stays listed.
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    page.get_by_role("button", name="New chat").click()
+    expect(page).to_have_url(server.url + "/")
+    expect(page.locator(".turn")).to_have_count(0)
+    expect(page.locator("#history-list")).to_contain_text("echo the first words of a new chat")

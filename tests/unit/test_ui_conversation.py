@@ -1,5 +1,6 @@
-"""The UI's conversations: the store that keeps them between sockets, and what a conversation's
-settings send to the model (a UI socket driven in-process with a scripted client)."""
+"""The UI's conversations: the bridge from the store (page ids, turns), and what a conversation's
+settings send to the model (a UI socket driven in-process with a scripted client, on the app's
+own SQLite database)."""
 
 from __future__ import annotations
 
@@ -13,82 +14,21 @@ from tanglebox.web.ui_conversation import (
     WIDGET,
     ChatSettings,
     Conversation,
-    ConversationStore,
-    conversation_store,
+    PageConversations,
     new_conversation,
 )
 from tanglebox.web.ui_socket import RENDER_PACER, ChatSocket
 from tests.fake_backend import SPECIALS
+from tests.live_server import wait_until
 from tests.reply_page import ReplyPage
 
 SPECIAL_NAMES = {token: name for name, token in SPECIALS.items()}
 
 
-# -- the store -------------------------------------------------------------------------------
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+# -- the branch as turns ---------------------------------------------------------------------
 
 def make(conversation_id: str) -> Conversation:
     return Conversation(conversation_id, PAGE, ChatSettings(0.7, 64, ""))
-
-
-def test_a_known_id_gets_its_conversation_back():
-    store = ConversationStore()
-    first = store.attach("a" * 22, make)
-    first.add_turn("hello")
-    store.detach(first)
-    assert store.attach("a" * 22, make) is first
-
-
-@pytest.mark.parametrize("conversation_id", [None, "", "short", "bad id with spaces!!!!",
-                                             "x" * 65])
-def test_a_missing_or_malformed_id_gets_a_fresh_conversation(conversation_id):
-    store = ConversationStore()
-    conversation = store.attach(conversation_id, make)
-    assert conversation.id != conversation_id and len(conversation.id) >= 16
-
-
-def test_a_detached_conversation_expires_after_the_ttl():
-    clock = Clock()
-    store = ConversationStore(ttl=60, clock=clock)
-    conversation = store.attach("b" * 22, make)
-    store.detach(conversation)
-    clock.now += 59
-    assert store.attach("b" * 22, make) is conversation  # attached again: it does not expire
-    clock.now += 600
-    assert len(store) == 1
-    store.detach(conversation)
-    clock.now += 61
-    assert store.attach("b" * 22, make) is not conversation
-
-
-def test_only_so_many_detached_conversations_are_kept_the_oldest_go_first():
-    store = ConversationStore(max_detached=2)
-    conversations = [store.attach(f"{i}" * 20, make) for i in range(3)]
-    for conversation in conversations:
-        store.detach(conversation)
-    assert len(store) == 2
-    assert store.attach("0" * 20, make) is not conversations[0]
-    assert store.attach("2" * 20, make) is conversations[2]
-
-
-def test_an_attached_conversation_is_never_dropped():
-    store = ConversationStore(max_detached=0, ttl=0)
-    attached = store.attach("c" * 20, make)
-    for i in range(5):
-        store.detach(store.attach(f"{i}" * 20, make))
-    assert store.attach("c" * 20, make) is attached
-
-
-def test_each_app_has_its_own_store(app):
-    assert conversation_store(app) is conversation_store(app)
-    assert isinstance(conversation_store(app), ConversationStore)
 
 
 def test_history_alternates_user_and_assistant_up_to_a_turn():
@@ -97,6 +37,19 @@ def test_history_alternates_user_and_assistant_up_to_a_turn():
     first.reply, second.reply = "1", "2"
     assert [m.content for m in conversation.history()] == ["one", "1", "two", "2"]
     assert [m.content for m in conversation.history(before=second)] == ["one", "1"]
+
+
+def test_a_page_id_means_the_conversation_its_first_message_stored_until_new_chat():
+    pages = PageConversations(limit=2)
+    assert pages.resolve("me", "page-a") == "page-a"  # nothing stored: the id as given
+    pages.remember("me", "page-a", "stored-1")
+    assert pages.resolve("me", "page-a") == "stored-1"
+    assert pages.resolve("someone else", "page-a") == "page-a"  # per browser
+    pages.remember("me", "page-a", None)  # New chat
+    assert pages.resolve("me", "page-a") is None
+    pages.remember("me", "page-b", "stored-2")
+    pages.remember("me", "page-c", "stored-3")
+    assert pages.resolve("me", "page-a") == "page-a"  # the oldest was forgotten
 
 
 # -- what reaches the model ------------------------------------------------------------------
@@ -133,7 +86,9 @@ def talk(app, surface: str, *messages: dict) -> ScriptedClient:
     with app.test_request_context("/ws/chat"):
         with pytest.raises(ConnectionClosed):
             ChatSocket(client, runtime, conversation, "test").run()
-        # What a page reconnecting to this conversation now gets.
+        # What a page reconnecting to this conversation now gets (once its reply has ended).
+        runs = app.extensions.get("tanglebox.reply_runs")
+        wait_until(lambda: not runs or not len(runs), what="the reply's end")
         client.reconnect_sync = ChatSocket(ScriptedClient(), runtime, conversation, "test")._sync()
     return client
 
