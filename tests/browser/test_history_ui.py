@@ -1,7 +1,8 @@
 """The chat page's history in headless Chromium against a live server on the fake backend:
 the sidebar lists a chat once it has a reply and the URL becomes ``/c/<id>``, reloading
 ``/c/<id>`` shows it, two browsers (two contexts: two cookie jars) never see each other's,
-rename, delete and undo, search, and the drawer at phone width.
+rename, delete and undo, search, the drawer at phone width, and the widget's conversation
+kept per embedding site.
 
 Screenshots (desktop and phone, sidebar and drawer) go to a temporary folder, or to
 ``TANGLEBOX_SCREENSHOTS_DIR`` (``=docs`` refreshes the README's).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser.test_chat_ui import StaticSite
 from tests.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -153,6 +155,7 @@ def test_at_phone_width_the_history_is_a_drawer(open_page, server, screenshots):
     page.get_by_role("button", name="Conversations").click()
     expect(sidebar).to_be_visible()
     expect(page.locator("#history-search")).to_be_focused()
+    expect(sidebar).to_have_css("transform", "none")  # slid all the way in
     page.screenshot(path=str(screenshots / "history-phone-drawer.png"), caret="initial")
     assert page.evaluate("document.documentElement.scrollWidth <= "
                          "document.documentElement.clientWidth")
@@ -169,6 +172,7 @@ def test_a_new_chat_is_listed_after_its_first_reply_and_the_url_follows(open_pag
     page.locator("#prompt").fill("echo the first words of a new chat")
     page.locator("#prompt").press("Enter")
     reply = page.locator("#turn-1-reply")
+    expect(reply).to_contain_text("the first words of a new chat", timeout=REPLY_DEADLINE_MS)
     expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
     expect(page).to_have_url(CONVERSATION_PATH)
     expect(page.locator("#history-list [aria-current=page]")).to_have_text(
@@ -181,3 +185,43 @@ def test_a_new_chat_is_listed_after_its_first_reply_and_the_url_follows(open_pag
     expect(page).to_have_url(server.url + "/")
     expect(page.locator(".turn")).to_have_count(0)
     expect(page.locator("#history-list")).to_contain_text("echo the first words of a new chat")
+
+
+# -- the widget: its own conversation per embedding site ---------------------------------------
+
+@pytest.fixture(scope="module")
+def widget_sites(tmp_path_factory):
+    """The widget's server on 127.0.0.1, and two sites that embed it: one on localhost (another
+    site: its own cookie partition) and one on another 127.0.0.1 port (another origin)."""
+    folder = tmp_path_factory.mktemp("embedders")
+    embedder, other = StaticSite(folder), StaticSite(folder)
+    sites = [embedder.origin.replace("127.0.0.1", "localhost"), other.origin]
+    server = LiveServer(tmp_path_factory.mktemp("widget-history"))
+    server.start(fake={"step_delay": 0.005}, widgetAllowedOrigins=sites)
+    (folder / "embed.html").write_text(
+        '<!doctype html><link rel="icon" href="data:,"><title>Embedder</title>'
+        f'<iframe src="{server.url}/widget" title="Chat" width="380" height="560"></iframe>')
+    yield server, sites
+    server.stop()
+    embedder.stop()
+    other.stop()
+
+
+def test_the_widget_reopens_its_conversation_on_the_same_site_only(open_page, widget_sites):
+    server, (site, other_site) = widget_sites
+    page = open_page(site + "/embed.html")
+    widget = page.frame_locator("iframe")
+    expect(widget.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    widget.locator("#prompt").fill("echo Where is my parcel?")
+    widget.locator("#prompt").press("Enter")
+    reply = widget.locator("#turn-1-reply")
+    expect(reply).to_contain_text("Where is my parcel?", timeout=REPLY_DEADLINE_MS)
+    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
+    page.reload()  # the same site: its conversation again
+    widget = page.frame_locator("iframe")
+    expect(widget.locator("#turn-1-reply")).to_contain_text("Where is my parcel?")
+    page.goto(other_site + "/embed.html")  # another site, the same browser: a new chat
+    widget = page.frame_locator("iframe")
+    expect(widget.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    expect(widget.get_by_role("heading", name="Ask a question to start.")).to_be_visible()
+    expect(widget.locator(".turn")).to_have_count(0)
