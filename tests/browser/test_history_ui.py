@@ -66,6 +66,16 @@ def imported(page, server, title: str, messages: list[dict]) -> str:
     return response.headers["location"]
 
 
+def chat_once(chat, text: str) -> None:
+    """Send ``echo <text>`` in ``chat`` (a page, or the widget's frame); wait for the reply."""
+    expect(chat.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    chat.locator("#prompt").fill("echo " + text)
+    chat.locator("#prompt").press("Enter")
+    reply = chat.locator("#turn-1-reply")
+    expect(reply).to_contain_text(text, timeout=REPLY_DEADLINE_MS)
+    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
+
+
 def history_titles(page) -> list[str]:
     return page.locator("#history-list .history__link").all_inner_texts()
 
@@ -168,12 +178,7 @@ def test_at_phone_width_the_history_is_a_drawer(open_page, server, screenshots):
 
 def test_a_new_chat_is_listed_after_its_first_reply_and_the_url_follows(open_page, server):
     page = open_page(server.url, viewport=DESKTOP)
-    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
-    page.locator("#prompt").fill("echo the first words of a new chat")
-    page.locator("#prompt").press("Enter")
-    reply = page.locator("#turn-1-reply")
-    expect(reply).to_contain_text("the first words of a new chat", timeout=REPLY_DEADLINE_MS)
-    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
+    chat_once(page, "the first words of a new chat")
     expect(page).to_have_url(CONVERSATION_PATH)
     expect(page.locator("#history-list [aria-current=page]")).to_have_text(
         "echo the first words of a new chat")
@@ -210,13 +215,7 @@ def widget_sites(tmp_path_factory):
 def test_the_widget_reopens_its_conversation_on_the_same_site_only(open_page, widget_sites):
     server, (site, other_site) = widget_sites
     page = open_page(site + "/embed.html")
-    widget = page.frame_locator("iframe")
-    expect(widget.locator("#connection-state")).to_have_attribute("data-state", "connected")
-    widget.locator("#prompt").fill("echo Where is my parcel?")
-    widget.locator("#prompt").press("Enter")
-    reply = widget.locator("#turn-1-reply")
-    expect(reply).to_contain_text("Where is my parcel?", timeout=REPLY_DEADLINE_MS)
-    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
+    chat_once(page.frame_locator("iframe"), "Where is my parcel?")
     page.reload()  # the same site: its conversation again
     widget = page.frame_locator("iframe")
     expect(widget.locator("#turn-1-reply")).to_contain_text("Where is my parcel?")
