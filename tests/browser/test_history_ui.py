@@ -224,3 +224,39 @@ def test_the_widget_reopens_its_conversation_on_the_same_site_only(open_page, wi
     expect(widget.locator("#connection-state")).to_have_attribute("data-state", "connected")
     expect(widget.get_by_role("heading", name="Ask a question to start.")).to_be_visible()
     expect(widget.locator(".turn")).to_have_count(0)
+
+
+# -- a conversation outlives the page and the server -------------------------------------------
+
+def test_a_reload_mid_reply_shows_it_so_far_and_it_goes_on(open_page, fake_server):
+    # About 370 characters at 20 ms each: the reload lands in the middle of the reply.
+    fake_server.start(fake={"step_delay": 0.02})
+    page = open_page(fake_server.url)
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    page.locator("#prompt").fill("count 120")
+    page.locator("#prompt").press("Enter")
+    expect(page.locator("#turn-1-reply [aria-busy=true]")).to_contain_text("1 2 3")
+    expect(page).to_have_url(CONVERSATION_PATH)  # stored with its first message
+    page.reload()
+    expect(page.locator("#turn-1-prompt .message__content")).to_have_text("count 120")
+    reply = page.locator("#turn-1-reply")
+    expect(reply.locator("[aria-busy=true]")).to_be_attached()  # still being written
+    expect(reply.locator("[aria-busy=true]")).to_have_count(0, timeout=REPLY_DEADLINE_MS)
+    # No gap and no repeat across the reload: exactly the whole count.
+    expect(reply.locator(".message__content")).to_have_text(
+        " ".join(str(i) for i in range(1, 121)))
+
+
+def test_the_history_is_still_there_after_a_restart(open_page, fake_server):
+    fake_server.start(fake={"step_delay": 0.005})
+    page = open_page(fake_server.url)
+    chat_once(page, "kept across a restart")
+    expect(page).to_have_url(CONVERSATION_PATH)
+    path = page.url.removeprefix(fake_server.url)
+    page.goto("about:blank")  # no socket left to fail while the server is down
+    fake_server.stop()
+    fake_server.start(fake={"step_delay": 0.005})  # the same settings and database; a new port
+    page.goto(fake_server.url + path)  # cookies are per host, not per port: the same browser
+    expect(page.locator("#turn-1-reply")).to_contain_text("kept across a restart")
+    expect(page.locator("#history-list [aria-current=page]")).to_have_text(
+        "echo kept across a restart")
