@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -155,8 +155,7 @@ def export(conversation_id: str):
         body = export_html(conversation, messages)
     mimetype, extension = EXPORTS[kind]
     response = Response(body, mimetype=mimetype)
-    response.headers.set("Content-Disposition", "attachment",
-                         filename=f"{_file_stem(conversation.title)}.{extension}")
+    response.headers["Content-Disposition"] = _attachment(conversation.title, extension)
     return response
 
 
@@ -205,8 +204,11 @@ def _text_field(values, name: str, limit: int, required: bool) -> str:
     return value
 
 
-def _file_stem(title: str) -> str:
-    """A safe file name from the title (letters, digits, dashes), never empty."""
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-")[:60].strip("-")
-    return stem.lower() or "conversation"
-
+def _attachment(title: str, extension: str) -> str:
+    """Content-Disposition for a download named after the title: letters of any script,
+    digits and dashes (RFC 6266: ``filename*`` in UTF-8, and an ASCII ``filename`` for old
+    clients); never empty, never a path."""
+    stem = re.sub(r"[\W_]+", "-", title).strip("-")[:60].strip("-").lower() or "conversation"
+    plain = re.sub(r"[^a-z0-9]+", "-", stem).strip("-") or "conversation"
+    return (f'attachment; filename="{plain}.{extension}"; '
+            f"filename*=UTF-8''{quote(stem)}.{extension}")

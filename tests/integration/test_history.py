@@ -177,7 +177,7 @@ def test_export_as_markdown_json_and_html_downloads(app, alice):
     markdown = alice.get(f"/c/{conversation_id}/export?format=md")
     assert markdown.status_code == 200 and markdown.mimetype == "text/markdown"
     assert markdown.headers["Content-Disposition"] == (
-        'attachment; filename=what-is-2-2.md')
+        "attachment; filename=\"what-is-2-2.md\"; filename*=UTF-8''what-is-2-2.md")
     assert "What is 2 + 2?" in markdown.text and "It is **4**." in markdown.text
 
     document = alice.get(f"/c/{conversation_id}/export?format=json")
@@ -192,6 +192,12 @@ def test_export_as_markdown_json_and_html_downloads(app, alice):
     assert page.mimetype == "text/html"
     assert page.headers["Content-Disposition"].endswith("what-is-2-2.html")
     assert "<strong>4</strong>" in page.text and "<script" not in page.text
+
+    alice.post(f"/c/{conversation_id}/rename", data={"title": "Café 東京 ../../etc/passwd"})
+    renamed = alice.get(f"/c/{conversation_id}/export?format=md")
+    assert renamed.headers["Content-Disposition"] == (
+        'attachment; filename="caf-etc-passwd.md"; '
+        "filename*=UTF-8''caf%C3%A9-%E6%9D%B1%E4%BA%AC-etc-passwd.md")
 
     bad = alice.get(f"/c/{conversation_id}/export?format=pdf")
     assert bad.status_code == 400 and bad.text.startswith("format:")
