@@ -68,7 +68,8 @@ table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .
 </header>
 {% for message in messages %}
 <section class="message {{ message.role }}">
-<div class="speaker">{{ message.speaker }}{% if message.model %} <span class="meta">· {{ message.model }}</span>{% endif %}</div>
+<div class="speaker">{{ message.speaker }}
+{%- if message.model %} <span class="meta">· {{ message.model }}</span>{% endif %}</div>
 <div class="body">{{ message.html }}</div>
 {% if message.note %}<p class="note">{{ message.note }}</p>{% endif %}
 </section>

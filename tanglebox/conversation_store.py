@@ -39,6 +39,9 @@ MESSAGE_STATES = ("writing", "done", "stopped", "interrupted", "failed")
 ROLES = ("user", "assistant")
 SURFACES = ("page", "widget")
 INTERRUPTED_NOTE = "Interrupted"
+# A deleted conversation can be restored (undo) this long; then it is removed for good, at the
+# next start or the next delete.
+DELETED_KEPT = timedelta(days=1)
 TITLE_CHARS = 60
 # What an assistant message records of how it was made (keyword arguments of add_message
 # and update_reply).
@@ -138,18 +141,19 @@ class ConversationStore:
             row = _visible(session, conversation_id, owner)
             if row is None:
                 return False
-            row.title = title
-            row.updated_at = _now()
+            row.title = title  # updated_at stays: a rename does not move it up the list
             return True
 
     def delete(self, conversation_id: str, owner: str) -> bool:
-        """Hide the conversation at once; ``restore`` undoes it until ``purge_deleted``."""
+        """Hide the conversation at once; ``restore`` undoes it for DELETED_KEPT (older
+        deletions are purged now)."""
         with self.database.session() as session:
             row = _visible(session, conversation_id, owner)
             if row is None:
                 return False
             row.deleted_at = _now()
-            return True
+        self.purge_deleted(DELETED_KEPT)
+        return True
 
     def restore(self, conversation_id: str, owner: str) -> bool:
         with self.database.session() as session:
@@ -162,11 +166,14 @@ class ConversationStore:
     def purge_deleted(self, older_than: timedelta) -> int:
         """Remove the conversations deleted more than ``older_than`` ago, with their messages."""
         cutoff = _now() - older_than
-        doomed = select(ConversationRow.id).where(ConversationRow.deleted_at < cutoff)
         with self.database.session() as session:
-            session.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(doomed)))
-            return session.execute(delete(ConversationRow)
-                                   .where(ConversationRow.deleted_at < cutoff)).rowcount
+            # The ids once, so both deletes agree even if one is restored meanwhile.
+            doomed = list(session.scalars(select(ConversationRow.id)
+                                          .where(ConversationRow.deleted_at < cutoff)))
+            if doomed:
+                session.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(doomed)))
+                session.execute(delete(ConversationRow).where(ConversationRow.id.in_(doomed)))
+            return len(doomed)
 
     def update_settings(self, conversation_id: str, settings: dict) -> None:
         with self.database.session() as session:
@@ -190,7 +197,7 @@ class ConversationStore:
         return path[::-1]
 
     def alternatives(self, message_id: int) -> list[int]:
-        """The ids of this message and its siblings of the same role, oldest first: "‹ 2/3 ›"."""
+        """This message's id and its siblings' of the same role, oldest first: "‹ 2/3 ›"."""
         with self.database.session() as session:
             message = session.get(MessageRow, message_id)
             if message is None:
@@ -209,8 +216,7 @@ class ConversationStore:
         conversation while it has no title."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        _check_state(state)
-        _check_metadata(metadata)
+        _check_fields(state, metadata)
         now = _now()
         with self.database.session() as session:
             conversation = session.get(ConversationRow, conversation_id)
@@ -234,8 +240,7 @@ class ConversationStore:
     def update_reply(self, message_id: int, content: str, state: str, note: str = "",
                      **metadata: Any) -> None:
         """The reply's text so far (state "writing"), or at its end with its metadata."""
-        _check_state(state)
-        _check_metadata(metadata)
+        _check_fields(state, metadata)
         now = _now()
         with self.database.session() as session:
             message = session.get(MessageRow, message_id)
@@ -287,6 +292,7 @@ def open_conversations(app: Flask, database: Database) -> ConversationStore:
     if interrupted:
         log.info("%d replies were being written when the server stopped: marked interrupted",
                  interrupted)
+    store.purge_deleted(DELETED_KEPT)
     return store
 
 
@@ -316,12 +322,9 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _check_state(state: str) -> None:
+def _check_fields(state: str, metadata: dict[str, Any]) -> None:
     if state not in MESSAGE_STATES:
         raise ValueError(f"state must be one of {', '.join(MESSAGE_STATES)}, got {state!r}")
-
-
-def _check_metadata(metadata: dict[str, Any]) -> None:
     unknown = sorted(set(metadata) - set(METADATA_FIELDS))
     if unknown:
         raise TypeError(f"unknown message metadata: {', '.join(unknown)}; known: "

@@ -9,10 +9,11 @@ once take turns: on PostgreSQL an advisory lock, on SQLite the write lock of
 ``BEGIN IMMEDIATE``. The second finds the schema current and changes nothing.
 
 SQLite (the default, a file beside settings.json) is set up on every connection: WAL (readers
-never wait for the writer), a busy timeout (a writer waits for another instead of failing),
-foreign keys on, and ``lower()`` that knows more than ASCII (the search's ``ILIKE``). Every
-transaction starts with ``BEGIN IMMEDIATE``: one that reads then writes can otherwise fail at
-once with "database is locked" when another process wrote in between.
+never wait for the writer) with ``synchronous=NORMAL``, a busy timeout (a writer waits for
+another instead of failing), foreign keys on, and ``lower()`` that knows more than ASCII (the
+search's ``ILIKE``). Every transaction starts with ``BEGIN IMMEDIATE``: one that reads then
+writes can otherwise fail at once with "database is locked" when another process wrote in
+between.
 
 PostgreSQL goes through psycopg 3, which co-operates with gevent when it is imported after
 gevent patched the process: the database is opened inside the worker (``create_app``), never
@@ -45,6 +46,7 @@ EXTENSION = "tanglebox.database"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_SECONDS = 15
 CONNECT_TIMEOUT_SECONDS = 10
+POOL_SIZE, POOL_OVERFLOW = 10, 20  # PostgreSQL connections kept, and opened beyond them
 # pg_advisory_xact_lock's key: any constant the deployment's other programs do not use
 # ("tangle" in ASCII).
 MIGRATION_LOCK_KEY = 0x74616E676C65
@@ -116,7 +118,10 @@ def _create_engine(url: URL) -> Engine:
     try:
         if url.get_backend_name() == "sqlite":
             return _sqlite_engine(url)
-        return create_engine(url, pool_pre_ping=True,
+        # Under gevent a session waits for the server without holding the worker, so many
+        # may be open at once (replies saving as they grow, sockets loading): a larger pool.
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE,
+                             max_overflow=POOL_OVERFLOW,
                              connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
     except (ArgumentError, NoSuchModuleError) as err:
         raise DatabaseError(f"cannot use {url.render_as_string(hide_password=True)}: {err}") \
@@ -140,6 +145,10 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         if not in_memory:
             cursor.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL syncs at checkpoints, not at each commit: a process that dies
+            # loses nothing committed; only a power cut may lose the last commits (SQLite's
+            # documentation, "PRAGMA synchronous"). Replies save about once a second each.
+            cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

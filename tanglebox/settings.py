@@ -194,7 +194,8 @@ SETTINGS: tuple[Setting, ...] = (
     # Conversations storage (README: Conversations storage).
     Setting("databaseUrl", "sqlite:///tanglebox.db", str,
             "Where the chat UI's conversations are kept: `sqlite:///FILE` (relative to "
-            "settings.json) or `postgresql+psycopg://USER:PASSWORD@HOST/NAME`."),
+            "settings.json) or `postgresql+psycopg://USER:PASSWORD@HOST/NAME` (README: "
+            "Conversations storage)."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -373,9 +374,10 @@ def _check_combinations(settings: Settings) -> None:
                                 f"addresses or networks like 10.0.0.0/8; got {_shown(entry)}") \
                 from None
     if not DATABASE_URL.fullmatch(v["databaseUrl"]):
+        scheme = v["databaseUrl"].split(":", 1)[0]  # not the rest: it may hold a password
         raise SettingsError(f"{where}: \"databaseUrl\" must be sqlite:///FILE or "
-                            "postgresql+psycopg://USER:PASSWORD@HOST/NAME; got "
-                            f"{_shown(v['databaseUrl'])}")
+                            "postgresql+psycopg://USER:PASSWORD@HOST/NAME; got a URL "
+                            f"starting {_shown(scheme)}")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
             if not ORIGIN.fullmatch(origin):

@@ -10,6 +10,10 @@
 - ``openai_api``: the OpenAI-compatible API under ``/v1`` (its errors in OpenAI's shape)
 - ``metrics_route``: Prometheus metrics at ``/metrics``, and every request counted
 
+Before it serves, the app opens the conversations database (``databaseUrl``: migrated, replies
+a dead process left unfinished marked interrupted) and keeps its ``ConversationStore`` in
+``app.extensions`` (``conversation_store.conversation_store(app)``).
+
 In front of the app, ``connection_limits.ConnectionGuard`` caps the connections per client
 address and in total, and reads request bodies within a deadline.
 

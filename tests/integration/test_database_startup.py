@@ -5,16 +5,20 @@ database it cannot use is one line and exit status 2."""
 from __future__ import annotations
 
 import sqlite3
+from datetime import timedelta
 
 import pytest
 
-from tanglebox.conversation_store import conversation_store
+from tanglebox.conversation_store import ConversationStore, conversation_store
+from tanglebox.database import open_database
+from tanglebox.db_schema import ConversationRow
 from tanglebox.runtime import Runtime
 from tanglebox.settings import load_settings
 from tanglebox.web import create_app
 from tests.commands import one_error_line, run_app
 from tests.conftest import write_settings
 from tests.live_server import free_port
+from tests.postgres import postgres_server  # noqa: F401 - the fixture
 
 # Nothing listens there: the settings serve a remote model, so no model loads before the
 # worker opens the database.
@@ -56,10 +60,39 @@ def test_a_restart_keeps_a_reply_cut_short_and_marks_it_interrupted(tmp_path):
         ("Count to ten", "done", ""), ("1, 2, 3", "interrupted", "Interrupted")]
 
 
+def test_a_start_removes_for_good_what_was_deleted_over_a_day_ago(tmp_path):
+    settings = load_settings(write_settings(tmp_path))
+    before = conversation_store(create_app(settings, Runtime(settings)))
+    conversation = before.create("a" * 64, "page", "", {})
+    before.add_message(conversation.id, None, "user", "forget me")
+    before.delete(conversation.id, "a" * 64)
+    with before.database.session() as session:  # as if deleted two days ago
+        session.get(ConversationRow, conversation.id).deleted_at -= timedelta(days=2)
+    after = conversation_store(create_app(settings, Runtime(settings)))
+    assert not after.restore(conversation.id, "a" * 64)
+    assert after.branch(conversation.id) == []
+
+
+def test_the_server_opens_a_postgresql_database_in_its_worker(fake_server, postgres_server):
+    """Under gunicorn + gevent, with psycopg: migrated, and a reply a dead process left
+    writing is marked interrupted, before /health says ok."""
+    url = postgres_server.create_database()
+    database = open_database(url)
+    store = ConversationStore(database)
+    conversation = store.create("a" * 64, "page", "", {})
+    question = store.add_message(conversation.id, None, "user", "Still there?")
+    store.add_message(conversation.id, question.id, "assistant", "Yes, I", state="writing")
+    fake_server.start(fake={}, databaseUrl=url)
+    assert [(m.content, m.state) for m in store.branch(conversation.id)] == [
+        ("Still there?", "done"), ("Yes, I", "interrupted")]
+    database.close()
+
+
 def test_an_unknown_database_scheme_is_one_line_and_exit_2(tmp_path):
-    path = write_settings(tmp_path, databaseUrl="mysql://db.example/chats")
-    one_error_line(run_app(tmp_path, path), '"databaseUrl" must be sqlite:///FILE or '
-                                            "postgresql+psycopg://", "mysql://db.example")
+    path = write_settings(tmp_path, databaseUrl="mysql://chat:hunter2@db.example/chats")
+    line = one_error_line(run_app(tmp_path, path), '"databaseUrl" must be sqlite:///FILE or '
+                                                   'postgresql+psycopg://', 'starting "mysql"')
+    assert "hunter2" not in line
 
 
 @pytest.mark.parametrize("url, message", [

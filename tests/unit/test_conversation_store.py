@@ -9,6 +9,7 @@ import pytest
 
 from tanglebox.conversation_store import ConversationStore, title_from
 from tanglebox.database import open_database
+from tanglebox.db_schema import ConversationRow
 from tests.postgres import database_url, postgres_server  # noqa: F401 - fixtures
 
 ALICE, BOB = "a" * 64, "b" * 64
@@ -112,6 +113,8 @@ def test_the_list_is_newest_first_per_surface_and_site_and_skips_empty_chats(sto
     conversation_with(store, "bob's", owner=BOB)
     assert [c.id for c in store.list(ALICE, "page", "")] == [newer.id, older.id]
     assert [c.title for c in store.list(ALICE, "page", "")] == ["newer chat", "older chat"]
+    assert store.rename(older.id, ALICE, "renamed")  # a rename does not move it up
+    assert [c.title for c in store.list(ALICE, "page", "")] == ["newer chat", "renamed"]
     assert [c.id for c in store.list(ALICE, "widget", "https://a.example")] == [widget.id]
     assert store.list(ALICE, "widget", "https://b.example") == []
     store.add_message(older.id, store.branch(older.id)[-1].id, "assistant", "bumped")
@@ -151,6 +154,17 @@ def test_delete_hides_at_once_restore_undoes_and_purge_removes_for_good(store):
     assert not store.restore(conversation.id, ALICE)
     assert store.branch(conversation.id) == []
     assert [c.id for c in store.list(ALICE, "page", "")] == [kept.id]
+
+
+def test_a_delete_removes_for_good_what_was_deleted_over_a_day_ago(store):
+    old = conversation_with(store, "deleted long ago")
+    recent = conversation_with(store, "deleted just now")
+    assert store.delete(old.id, ALICE)
+    with store.database.session() as session:  # as if deleted two days ago
+        session.get(ConversationRow, old.id).deleted_at -= timedelta(days=2)
+    assert store.delete(recent.id, ALICE)
+    assert not store.restore(old.id, ALICE)
+    assert store.restore(recent.id, ALICE)
 
 
 def test_regenerate_keeps_the_earlier_reply_as_an_alternative_and_select_flips_back(store):
