@@ -250,11 +250,8 @@ class ChatSocket(ReplyWatching):
     # -- actions -----------------------------------------------------------------------
 
     def send_prompt(self, user_prompt: Any) -> None:
-        draft = user_prompt if isinstance(user_prompt, str) else ""
-        try:
-            prompt = parse_user_prompt(user_prompt)
-        except RequestError as err:
-            self._refuse(request_error(err), draft)
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
             return
         conversation = self.conversation
         first = not conversation.stored
@@ -294,11 +291,8 @@ class ChatSocket(ReplyWatching):
     def edit(self, user_prompt: Any) -> None:
         """The last message, edited: a new message beside it (same parent), and its reply."""
         turns = self.conversation.turns
-        draft = user_prompt if isinstance(user_prompt, str) else ""
-        try:
-            prompt = parse_user_prompt(user_prompt)
-        except RequestError as err:
-            self._refuse(request_error(err), draft)
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
             return
         if not turns or turns[-1].prompt_message_id is None:
             self._refuse("There is no message to edit yet.", draft)
@@ -402,6 +396,15 @@ class ChatSocket(ReplyWatching):
                              "systemPrompt": chat.system_prompt}}
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _read_prompt(self, user_prompt: Any) -> tuple[str | None, str]:
+        """The person's message and the draft to give back; None (refused) when invalid."""
+        draft = user_prompt if isinstance(user_prompt, str) else ""
+        try:
+            return parse_user_prompt(user_prompt), draft
+        except RequestError as err:
+            self._refuse(request_error(err), draft)
+            return None, draft
 
     def _parse(self, raw: Any) -> dict[str, Any] | None:
         """The client's message; None (and the error shown) when it is unreadable."""
