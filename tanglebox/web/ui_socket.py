@@ -5,10 +5,10 @@ belongs to its conversation, not to a socket (``reply_runs``). One socket's life
 
 - **connect** (``/ws/chat?conversation=<id>[&page=<id>]``): the Origin was checked before the
   upgrade (``security.py``). The socket shows the stored conversation of this browser
-  (``browser_identity``) named by ``conversation`` (or the one this page's id, ``page``,
-  defaulting to ``conversation``, has come to mean: ``ui_conversation.PageConversations``);
-  anything else (unknown, another browser's, malformed) is a new conversation, stored with its
-  first message. It sends the *sync*; if a reply is being written, it then watches it: the reply
+  (``browser_identity``) named by ``conversation``, or the one this page has moved to since
+  (its first message stored one, or New chat: ``UiChats.open``; ``page``, the page load's own
+  random id, defaults to ``conversation``); anything else (unknown, another browser's,
+  malformed) is a new conversation, stored with its first message. It sends the *sync*; if a reply is being written, it then watches it: the reply
   so far, then the rest as it comes (no gap, no repeat: every update is made from the whole
   text).
 - **loop**: wait for a message, act on it, answer with fragments. A socket silent for
@@ -38,10 +38,11 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  the widget]; a reply being written is in #messages with an empty open end,
                  then comes as in 2 and 3 below
     send         1   div[hx-swap-oob="beforeend:#messages"] > section#turn-N (the person's
-                     message; data-conversation-url on it when it stored the conversation;
-                     article#turn-N-reply holding only div#turn-N-reply-open, the reply's open
-                     end: aria-busy, typing dots), #composer (disabled, with Stop),
-                     #chat-error (empty)
+                     message, article#turn-N-reply holding only div#turn-N-reply-open, the
+                     reply's open end: aria-busy, typing dots); for a conversation's first
+                     message #messages whole instead, holding that section (its
+                     data-conversation-url is now "/c/<id>"); #composer (disabled, with
+                     Stop), #chat-error (empty)
                  2…  the reply as block deltas (``ui_fragments.StreamedReply``, blocks found by
                      ``markdown_blocks``): div[hx-swap-oob="beforebegin:#turn-N-reply-open"]
                      with the Markdown blocks that just finished (each sent once), then
@@ -163,11 +164,13 @@ def ui_chats(runtime: Runtime) -> UiChats:
     """This request's way to its browser's conversations."""
     surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
     store = conversation_store(current_app)
-    page_id = request.args.get("page") or request.args.get("conversation") or ""
+    named = request.args.get("page") or ""
+    page_id = named or request.args.get("conversation") or ""
     if not CONVERSATION_ID.match(page_id):
         page_id = new_conversation_id()
     return UiChats(store, reply_runs(current_app, store), page_conversations(current_app),
-                   browser_id(surface), surface, "", runtime.settings, page_id)
+                   browser_id(surface), surface, "", runtime.settings, page_id,
+                   page_named=bool(CONVERSATION_ID.match(named)))
 
 
 def parse_message(raw: Any) -> dict[str, Any]:
@@ -259,8 +262,9 @@ class ChatSocket(ReplyWatching):
         if run is None:
             return
         turn = conversation.add_turn(prompt)
-        self.send(new_turn_fragment(turn, conversation.url if first else ""), self._composer(),
-                  error_fragment(""))
+        # A conversation's first message: #messages whole, for its data-conversation-url.
+        self.send(messages_fragment(self.runtime, conversation) if first
+                  else new_turn_fragment(turn), self._composer(), error_fragment(""))
 
         def failed(message: str) -> None:
             self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
