@@ -8,9 +8,9 @@ belongs to its conversation, not to a socket (``reply_runs``). One socket's life
   (``browser_identity``) named by ``conversation``, or the one this page has moved to since
   (its first message stored one, or New chat: ``UiChats.open``; ``page``, the page load's own
   random id, defaults to ``conversation``); anything else (unknown, another browser's,
-  malformed) is a new conversation, stored with its first message. It sends the *sync*; if a reply is being written, it then watches it: the reply
-  so far, then the rest as it comes (no gap, no repeat: every update is made from the whole
-  text).
+  malformed) is a new conversation, stored with its first message. It sends the *sync*; if a
+  reply is being written, it then watches it (``ui_reply_watch``): the reply so far, then the
+  rest as it comes (no gap, no repeat: every update is made from the whole text).
 - **loop**: wait for a message, act on it, answer with fragments. A socket silent for
   ``socketIdleTimeoutSeconds`` is closed (code 1000, reason "idle"; the page reconnects when the
   person comes back).
@@ -86,6 +86,7 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  An unreadable message, or a message other than Stop, New chat or settings
                  while a reply streams: #chat-error alone (the reply goes on).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
