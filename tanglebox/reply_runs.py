@@ -269,11 +269,6 @@ class ReplyRuns:
         run.start()
         return run
 
-    def stop_all(self) -> None:
-        """Shutting down: every reply ends, saved "interrupted" with its text."""
-        for run in list(self._runs.values()):
-            run.stop(INTERRUPTED_STATE)
-
     def __len__(self) -> int:
         return len(self._runs)
 

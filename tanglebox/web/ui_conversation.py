@@ -230,15 +230,23 @@ class UiChats:
     surface: str
     site: str  # the widget's embedding site; "" on the page
     server_settings: Settings
-    page_id: str
+    page_id: str  # the page's own id: ``page``, else ``conversation`` (the page's first)
+    page_named: bool = False  # the socket URL had ``page``
 
     def open(self, conversation_id: str | None) -> Conversation:
         """The conversation this page shows: a stored one of this browser (and surface), else
-        a new one, not stored yet. Another browser's is never shown: it is a new one here."""
-        wanted = self.pages.resolve(self.owner, self.page_id)
-        if wanted == self.page_id and conversation_id and CONVERSATION_ID.match(conversation_id):
-            wanted = conversation_id
+        a new one, not stored yet. Another browser's is never shown: it is a new one here.
+
+        What the page's id has come to mean (its first message stored one; New chat) counts
+        when the page named itself (``page``), or when ``conversation`` is not a stored one
+        (a new page's random id): a page opened at ``/c/<id>`` shows that conversation."""
+        wanted = conversation_id if conversation_id and CONVERSATION_ID.match(
+            conversation_id) else None
         stored = self.store.get(wanted, self.owner) if wanted else None
+        if self.page_named or stored is None:
+            moved_to = self.pages.resolve(self.owner, self.page_id)
+            if moved_to != self.page_id:
+                stored = self.store.get(moved_to, self.owner) if moved_to else None
         if stored is None or stored.surface != self.surface:
             return new_conversation(self.page_id, self.surface, self.server_settings)
         conversation = Conversation(stored.id, self.surface, ChatSettings.from_dict(

@@ -93,12 +93,10 @@ def settings_fragment(runtime: Runtime, form: dict[str, str], errors: dict[str, 
                            model_options=model_options(runtime, form["model"]))
 
 
-def new_turn_fragment(turn: Turn, conversation_url: str = "") -> str:
-    """``section#turn-N`` appended to ``#messages``: the person's message and an empty reply
-    (with ``data-conversation-url`` when it is a new conversation's first)."""
+def new_turn_fragment(turn: Turn) -> str:
+    """``section#turn-N`` appended to ``#messages``: the person's message and an empty reply."""
     turn_section = get_template_attribute("_turn.html", "turn_section")
-    section = turn_section(turn, render_markdown(turn.prompt), Markup(""), streaming=True,
-                           conversation_url=conversation_url)
+    section = turn_section(turn, render_markdown(turn.prompt), Markup(""), streaming=True)
     # beforeend swaps the wrapper's children into the target, so the wrapper is a plain div.
     return f'<div hx-swap-oob="beforeend:#messages">{section}</div>'
 

@@ -5,12 +5,12 @@ belongs to its conversation, not to a socket (``reply_runs``). One socket's life
 
 - **connect** (``/ws/chat?conversation=<id>[&page=<id>]``): the Origin was checked before the
   upgrade (``security.py``). The socket shows the stored conversation of this browser
-  (``browser_identity``) named by ``conversation`` (or the one this page's id, ``page``,
-  defaulting to ``conversation``, has come to mean: ``ui_conversation.PageConversations``);
-  anything else (unknown, another browser's, malformed) is a new conversation, stored with its
-  first message. It sends the *sync*; if a reply is being written, it then watches it: the reply
-  so far, then the rest as it comes (no gap, no repeat: every update is made from the whole
-  text).
+  (``browser_identity``) named by ``conversation``, or the one this page has moved to since
+  (its first message stored one, or New chat: ``UiChats.open``; ``page``, the page load's own
+  random id, defaults to ``conversation``); anything else (unknown, another browser's,
+  malformed) is a new conversation, stored with its first message. It sends the *sync*; if a
+  reply is being written, it then watches it (``ui_reply_watch``): the reply so far, then the
+  rest as it comes (no gap, no repeat: every update is made from the whole text).
 - **loop**: wait for a message, act on it, answer with fragments. A socket silent for
   ``socketIdleTimeoutSeconds`` is closed (code 1000, reason "idle"; the page reconnects when the
   person comes back).
@@ -38,10 +38,11 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  the widget]; a reply being written is in #messages with an empty open end,
                  then comes as in 2 and 3 below
     send         1   div[hx-swap-oob="beforeend:#messages"] > section#turn-N (the person's
-                     message; data-conversation-url on it when it stored the conversation;
-                     article#turn-N-reply holding only div#turn-N-reply-open, the reply's open
-                     end: aria-busy, typing dots), #composer (disabled, with Stop),
-                     #chat-error (empty)
+                     message, article#turn-N-reply holding only div#turn-N-reply-open, the
+                     reply's open end: aria-busy, typing dots); for a conversation's first
+                     message #messages whole instead, holding that section (its
+                     data-conversation-url is now "/c/<id>"); #composer (disabled, with
+                     Stop), #chat-error (empty)
                  2…  the reply as block deltas (``ui_fragments.StreamedReply``, blocks found by
                      ``markdown_blocks``): div[hx-swap-oob="beforebegin:#turn-N-reply-open"]
                      with the Markdown blocks that just finished (each sent once), then
@@ -85,6 +86,7 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  An unreadable message, or a message other than Stop, New chat or settings
                  while a reply streams: #chat-error alone (the reply goes on).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -163,13 +165,14 @@ def ui_chats(runtime: Runtime) -> UiChats:
     """This request's way to its browser's conversations."""
     surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
     store = conversation_store(current_app)
-    page_id = request.args.get("page") or request.args.get("conversation") or ""
+    named = request.args.get("page") or ""
+    page_id = named or request.args.get("conversation") or ""
     if not CONVERSATION_ID.match(page_id):
         page_id = new_conversation_id()
     return UiChats(store, reply_runs(current_app, store), page_conversations(current_app),
                    browser_id(surface), surface,
                    embedding_site(request.args.get("site", "")) if surface == WIDGET else "",
-                   runtime.settings, page_id)
+                   runtime.settings, page_id, page_named=bool(CONVERSATION_ID.match(named)))
 
 
 def parse_message(raw: Any) -> dict[str, Any]:
@@ -252,11 +255,8 @@ class ChatSocket(ReplyWatching):
     # -- actions -----------------------------------------------------------------------
 
     def send_prompt(self, user_prompt: Any) -> None:
-        draft = user_prompt if isinstance(user_prompt, str) else ""
-        try:
-            prompt = parse_user_prompt(user_prompt)
-        except RequestError as err:
-            self._refuse(request_error(err), draft)
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
             return
         conversation = self.conversation
         first = not conversation.stored
@@ -264,8 +264,9 @@ class ChatSocket(ReplyWatching):
         if run is None:
             return
         turn = conversation.add_turn(prompt)
-        self.send(new_turn_fragment(turn, conversation.url if first else ""), self._composer(),
-                  error_fragment(""))
+        # A conversation's first message: #messages whole, for its data-conversation-url.
+        self.send(messages_fragment(self.runtime, conversation) if first
+                  else new_turn_fragment(turn), self._composer(), error_fragment(""))
 
         def failed(message: str) -> None:
             self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
@@ -296,11 +297,8 @@ class ChatSocket(ReplyWatching):
     def edit(self, user_prompt: Any) -> None:
         """The last message, edited: a new message beside it (same parent), and its reply."""
         turns = self.conversation.turns
-        draft = user_prompt if isinstance(user_prompt, str) else ""
-        try:
-            prompt = parse_user_prompt(user_prompt)
-        except RequestError as err:
-            self._refuse(request_error(err), draft)
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
             return
         if not turns or turns[-1].prompt_message_id is None:
             self._refuse("There is no message to edit yet.", draft)
@@ -404,6 +402,15 @@ class ChatSocket(ReplyWatching):
                              "systemPrompt": chat.system_prompt}}
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _read_prompt(self, user_prompt: Any) -> tuple[str | None, str]:
+        """The person's message and the draft to give back; None (refused) when invalid."""
+        draft = user_prompt if isinstance(user_prompt, str) else ""
+        try:
+            return parse_user_prompt(user_prompt), draft
+        except RequestError as err:
+            self._refuse(request_error(err), draft)
+            return None, draft
 
     def _parse(self, raw: Any) -> dict[str, Any] | None:
         """The client's message; None (and the error shown) when it is unreadable."""

@@ -296,7 +296,7 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
         new MutationObserver(() => {
             const code = document.querySelector("#turn-1-reply-open code");
             if (code) window.openCode.push(code.textContent);
-        }).observe(document.getElementById("messages"),
+        }).observe(document.getElementById("chat-scroll"),  // #messages itself is replaced
                    {childList: true, subtree: true, characterData: true});
     }""")
     send(page, "echo " + LONG_REPLY)
@@ -326,9 +326,9 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
 
     # The page now holds exactly what a reconnect gets from history, rendered at once.
     socket_url = page.locator("[ws-connect]").get_attribute("ws-connect")
-    # As the same browser: its identity cookie (browser_identity); without it, another's.
-    cookie = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies())
-    again = websocket.create_connection(server.ws_url + socket_url, timeout=30, cookie=cookie)
+    cookies = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies())
+    again = websocket.create_connection(server.ws_url + socket_url, timeout=30,
+                                        cookie=cookies)  # the same browser's conversation
     try:
         sync = again.recv()
     finally:

@@ -212,7 +212,7 @@ def chat(server):
 
 def stored_id(first: str) -> str:
     """The stored conversation's id, from the first message's data-conversation-url."""
-    url = parse(first)[0].find("section").attrs["data-conversation-url"]
+    url = parse(first)[0].attrs["data-conversation-url"]
     assert url.startswith("/c/"), url
     return url.removeprefix("/c/")
 
@@ -255,7 +255,9 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
     full = " ".join(str(i) for i in range(1, 41))
 
     first, *updates, last = messages
-    assert targets(first) == ["beforeend:#messages", "#composer", "#chat-error"]
+    # The conversation's first message: #messages whole, now naming the page's /c/<id>.
+    assert targets(first) == ["#messages", "#composer", "#chat-error"]
+    assert parse(first)[0].attrs["data-conversation-url"].startswith("/c/")
     section = parse(first)[0].find("#turn-1")
     assert section.find("#turn-1-prompt").find(".message__content").text() == "count 40"
     reply = section.find("#turn-1-reply")
@@ -285,6 +287,7 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
 def test_turns_are_numbered_and_the_conversation_is_kept(chat):
     chat.ask("echo first")
     messages = chat.ask("echo second")
+    assert targets(messages[0]) == ["beforeend:#messages", "#composer", "#chat-error"]
     assert shown_text(messages, turn=2) == "second"
 
 
@@ -303,7 +306,7 @@ def test_markdown_is_rendered_on_the_server(chat):
 def test_stop_ends_the_reply_at_once_and_keeps_what_was_written(chat, server):
     chat.send(userPrompt="count 2000")
     first = chat.receive()
-    assert targets(first)[0] == "beforeend:#messages"
+    assert targets(first)[0] == "#messages"
     streaming = chat.receive()
     assert targets(streaming) == ["#turn-1-reply-open"]  # it is streaming
     chat.send(action="stop")
@@ -462,7 +465,7 @@ def test_an_engine_error_removes_the_turn_and_gives_the_text_back(fake_server):
         prompt = "a question far too long for this tiny context " * 3
         chat.send(userPrompt=prompt)
         first = chat.receive()
-        assert targets(first)[0] == "beforeend:#messages"
+        assert targets(first)[0] == "#messages"
         failed = chat.receive()
         assert targets(failed) == ["delete #turn-1", "#chat-error", "#composer"]
         assert "context" in element(failed, "chat-error").text()

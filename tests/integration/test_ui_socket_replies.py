@@ -1,11 +1,14 @@
 """Replies owned by the server, through the chat UI's socket on a live server (gunicorn +
 gevent, the fake backend, the conversations in SQLite beside settings.json): a reply goes on
 when its socket closes and a socket that comes back shows it so far, then the rest; Stop from
-another socket; a restart mid-reply keeps the text, "Interrupted"; regenerate and edit keep
-alternatives to flip between; a conversation is its browser's alone."""
+another socket; a restart (drained) or a crash (SIGKILL) mid-reply keeps the text saved,
+"Interrupted"; regenerate and edit keep alternatives to flip between; settings are stored; a
+conversation is its browser's alone."""
 
 from __future__ import annotations
 
+import os
+import signal
 from contextlib import closing
 
 import pytest
@@ -122,17 +125,47 @@ def test_a_conversation_is_never_shown_to_another_browser(server):
         assert element(other.sync, "messages").attrs["data-conversation-url"] == "/"
 
 
-def test_a_restart_mid_reply_keeps_its_text_marked_interrupted(fake_server):
-    fake_server.start(fake={"step_delay": 0.01}, maxNewTokens=3000, maxNewTokensLimit=3000)
-    chat, conversation, seen = start_reply(fake_server, "count 2000")
-    so_far = shown_text(seen)
-    fake_server.stop()  # SIGTERM: the engine drains, the reply ends "shutdown"
-    chat.close()
-    fake_server.start(fake={"step_delay": 0.01}, maxNewTokens=3000, maxNewTokensLimit=3000)
-    with closing(ChatClient(fake_server, conversation=conversation)) as again:
+SETTINGS = {"fake": {"step_delay": 0.01}, "maxNewTokens": 3000, "maxNewTokensLimit": 3000}
+COUNT_2000 = " ".join(str(i) for i in range(1, 2001))
+
+
+def interrupted_after_restart(server: LiveServer, conversation: str) -> str:
+    """Start the server again: the reply is shown ended, "Interrupted"; its text."""
+    server.start(**SETTINGS)
+    with closing(ChatClient(server, conversation=conversation)) as again:
+        assert not composer_is_busy(again.sync)
         reply = element(again.sync, "turn-1-reply")
         assert reply.find(".message__note").text() == "Interrupted"
         text = reply.find(".message__content").text()
-        assert text.startswith(so_far) and " ".join(
-            str(i) for i in range(1, 2001)).startswith(text)
-        assert not composer_is_busy(again.sync)
+    assert text and COUNT_2000.startswith(text)
+    return text
+
+
+def test_a_restart_mid_reply_keeps_its_text_marked_interrupted(fake_server):
+    chat, conversation, seen = start_reply(fake_server.start(**SETTINGS), "count 2000")
+    so_far = shown_text(seen)
+    fake_server.stop()  # SIGTERM: the engine drains, the reply ends "shutdown"
+    chat.close()
+    assert interrupted_after_restart(fake_server, conversation).startswith(so_far)
+
+
+def test_a_crash_mid_reply_keeps_what_was_saved_marked_interrupted(fake_server):
+    chat, conversation, seen = start_reply(fake_server.start(**SETTINGS), "count 2000")
+    # Long enough that the text was saved at least once (every SAVE_INTERVAL_SECONDS).
+    while len(shown_text(seen)) < 300:
+        seen.append(chat.receive())
+    os.killpg(fake_server.process.pid, signal.SIGKILL)  # no drain: the process is gone
+    fake_server.process.wait()
+    chat.close()
+    interrupted_after_restart(fake_server, conversation)
+
+
+def test_settings_changed_in_a_stored_conversation_are_kept(server):
+    with closing(ChatClient(server)) as chat:
+        conversation = stored_id(chat.ask("echo hi")[0])
+        chat.send(action="settings", temperature="0.3", maxNewTokens="9", systemPrompt="Terse.")
+        assert "Applied" in element(chat.receive(), "settings-status").text()
+    with closing(ChatClient(server, conversation=conversation)) as again:
+        assert element(again.sync, "temperature").attrs["value"] == "0.3"
+        assert element(again.sync, "max-new-tokens").attrs["value"] == "9"
+        assert element(again.sync, "system-prompt").text() == "Terse."

@@ -161,16 +161,6 @@ def test_one_run_per_conversation(app, saver, fake_backend):
     assert not runs.busy("c1")
 
 
-def test_shutdown_saves_the_text_as_interrupted(app, saver, fake_backend):
-    fake_backend.step_delay = 0.01
-    runs = ReplyRuns(saver)
-    run = runs.start("c1", None, "count 2000", submit(app, "count 2000"), METADATA)
-    wait_until(lambda: run.text, what="some text")
-    runs.stop_all()
-    assert ended(run).state == "interrupted"
-    assert saver.reply().state == "interrupted" and saver.reply().content == run.text
-
-
 def test_an_engine_shutdown_mid_reply_saves_it_interrupted(app, saver, fake_backend):
     fake_backend.step_delay = 0.01
     run = ReplyRuns(saver).start("c1", None, "count 2000", submit(app, "count 2000"), METADATA)

@@ -9,13 +9,17 @@ import json
 import pytest
 from simple_websocket import ConnectionClosed
 
+from tanglebox.conversation_store import conversation_store
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
     ChatSettings,
     Conversation,
     PageConversations,
+    UiChats,
     new_conversation,
+    page_conversations,
+    reply_runs,
 )
 from tanglebox.web.ui_socket import RENDER_PACER, ChatSocket
 from tests.fake_backend import SPECIALS
@@ -50,6 +54,40 @@ def test_a_page_id_means_the_conversation_its_first_message_stored_until_new_cha
     pages.remember("me", "page-b", "stored-2")
     pages.remember("me", "page-c", "stored-3")
     assert pages.resolve("me", "page-a") == "page-a"  # the oldest was forgotten
+
+
+def chats_for(app, page_id: str, owner: str = "me", page_named: bool = False) -> UiChats:
+    store = conversation_store(app)
+    runtime = app.extensions["tanglebox"]
+    return UiChats(store, reply_runs(app, store), page_conversations(app), owner, PAGE, "",
+                   runtime.settings, page_id, page_named)
+
+
+def test_a_socket_opens_its_browsers_stored_conversation_or_where_its_page_moved(app):
+    store = conversation_store(app)
+    stored = store.create("me", PAGE, "", {})
+    store.add_message(stored.id, None, "user", "hello")
+    new_page = "r" * 22  # a page opened at /: a random id, nothing stored under it
+    assert not chats_for(app, new_page).open(new_page).stored
+    page_conversations(app).remember("me", new_page, stored.id)  # its first message
+    opened = chats_for(app, new_page).open(new_page)
+    assert opened.stored and opened.id == stored.id and opened.turns[0].prompt == "hello"
+    assert opened.url == f"/c/{stored.id}"
+    # Another browser never gets it: not by its id, not through a page id.
+    assert not chats_for(app, stored.id, owner="not me").open(stored.id).stored
+    assert not chats_for(app, new_page, owner="not me").open(new_page).stored
+
+
+def test_a_page_at_c_id_shows_that_conversation_unless_the_page_itself_moved_on(app):
+    store = conversation_store(app)
+    stored = store.create("me", PAGE, "", {})
+    store.add_message(stored.id, None, "user", "hello")
+    page_conversations(app).remember("me", stored.id, None)  # New chat on an older page
+    opened = chats_for(app, stored.id).open(stored.id)  # opened again: shown
+    assert opened.stored and opened.turns[0].prompt == "hello"
+    page = "p" * 22
+    page_conversations(app).remember("me", page, None)  # this page load pressed New chat
+    assert not chats_for(app, page, page_named=True).open(stored.id).stored
 
 
 # -- what reaches the model ------------------------------------------------------------------
@@ -133,7 +171,7 @@ def test_the_settings_panel_sets_this_conversations_system_prompt(app, fake_back
 def test_a_turn_sends_fragments_in_the_documented_order(app):
     client = talk(app, PAGE, {"userPrompt": "echo ok"})
     sync, first, *updates, last = client.sent
-    assert 'id="messages" ' in sync and 'hx-swap-oob="beforeend:#messages"' in first
+    assert 'id="messages" ' in sync and 'id="messages" ' in first  # a conversation's first
     assert all('id="turn-1-reply-open"' in update for update in updates)
     assert '<div id="turn-1-reply-open" hx-swap-oob="delete">' in last
     assert 'id="composer"' in last
