@@ -171,6 +171,9 @@ SETTINGS: tuple[Setting, ...] = (
             "What clients are told in maintenance mode."),
     Setting("socketIdleTimeoutSeconds", 600, (int, float),
             "A socket that sends nothing for this long is closed.", minimum=1),
+    Setting("finishRepliesWithoutWatchers", True, bool,
+            "A chat UI reply goes on being written (and saved) when no page watches it; "
+            "false: the last page leaving stops it."),
     Setting("maxConnections", 500, int,
             "Requests and sockets served at once; beyond that: 503 + Retry-After (`/health` is "
             "always answered).", minimum=1),

@@ -2,6 +2,8 @@
 
 - ``pages``: the chat UI at ``/``, the widget at ``/widget``, ``/health``
 - ``signin``: ``/signin``, when the chat UI asks for an API token
+- ``history``: the chat UI's stored conversations: ``/c/<id>``, the sidebar, export, import
+  (``browser_identity``: whose they are, a cookie per browser)
 - ``api``: ``/conversation``, the original REST contract
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
@@ -65,13 +67,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)
 
-    from tanglebox.web import (api, metrics_route, openai_api, original_socket, pages, signin,
-                               ui_socket)
+    from tanglebox.web import (api, browser_identity, history, metrics_route, openai_api,
+                               original_socket, pages, signin, ui_socket)
     from tanglebox.web.openai_wire import OpenAIError
     app.register_error_handler(OpenAIError, openai_api.openai_error)
     signin.init_app(app)
+    browser_identity.init_app(app)
     sock = Sock(app)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(history.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(openai_api.blueprint)
     original_socket.register(sock)
