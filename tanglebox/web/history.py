@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,12 +36,12 @@ from tanglebox.conversation_store import (ConversationStore, ConversationSummary
                                           StoredConversation, conversation_store)
 from tanglebox.web.browser_identity import PAGE, browser_id
 from tanglebox.web.signin import signed_in, ui_requires_token
+from tanglebox.web.ui_conversation import CONVERSATION_ID
 
 MAX_TITLE = 200
 MAX_QUERY = 200
 LIST_LIMIT = 100
 # The store's ids: secrets.token_urlsafe(16); anything else is not a conversation.
-CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 EXPORTS = {"md": ("text/markdown", "md"), "json": ("application/json", "json"),
            "html": ("text/html", "html")}
 
@@ -64,7 +64,7 @@ def _require_sign_in():
     if not ui_requires_token() or signed_in():
         return None
     if request.method == "GET" and request.endpoint == "history.conversation_page":
-        return redirect("/signin?next=/", code=303)
+        return redirect("/signin?" + urlencode({"next": request.path}), code=303)
     abort(401, description="Sign in at /signin first: the chat needs an API token.")
 
 
@@ -82,7 +82,7 @@ def history_items(current_id: str = "", query: str = "") -> list[HistoryItem]:
 
 def find_owned(conversation_id: str) -> StoredConversation | None:
     """This browser's page conversation with that id; None for every other case alike."""
-    if not CONVERSATION_ID.match(conversation_id):
+    if not CONVERSATION_ID.fullmatch(conversation_id):
         return None
     conversation = store().get(conversation_id, browser_id(PAGE))
     return conversation if conversation is not None and conversation.surface == PAGE else None
@@ -132,7 +132,7 @@ def delete(conversation_id: str):
 
 @blueprint.post("/c/<conversation_id>/restore")
 def restore(conversation_id: str):
-    if not CONVERSATION_ID.match(conversation_id) or not store().restore(
+    if not CONVERSATION_ID.fullmatch(conversation_id) or not store().restore(
             conversation_id, browser_id(PAGE)):
         abort(404, description="No such conversation here.")
     return _row(owned_conversation(conversation_id))

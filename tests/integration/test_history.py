@@ -245,13 +245,16 @@ def test_an_import_without_a_file_is_a_400(alice):
 def test_the_history_follows_the_sign_in_rule(app, alice, tmp_path):
     conversation_id = stored(app, alice, "behind a token", "reply")
     page = alice.get(f"/c/{conversation_id}")
-    assert page.status_code == 303 and page.headers["Location"].startswith("/signin")
+    assert page.status_code == 303
+    assert page.headers["Location"] == f"/signin?next=%2Fc%2F{conversation_id}"
     assert alice.get("/history").status_code == 401
     assert alice.get(f"/c/{conversation_id}/export?format=md").status_code == 401
     assert alice.post(f"/c/{conversation_id}/delete").status_code == 401
     assert alice.post("/import", data={}).status_code == 401
     token = add_token(tmp_path / "tokens.txt", "alice")
-    assert alice.post("/signin", data={"token": token, "next": "/"}).status_code == 303
+    signed_in = alice.post("/signin", data={"token": token, "next": f"/c/{conversation_id}"})
+    assert signed_in.status_code == 303  # back to the conversation the link named
+    assert signed_in.headers["Location"] == f"/c/{conversation_id}"
     assert listed(alice) == ["behind a token"]
     assert alice.get(f"/c/{conversation_id}").status_code == 200
 
