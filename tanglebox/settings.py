@@ -39,6 +39,9 @@ ENDPOINT_FIELDS: dict[str, tuple[type, bool]] = {
     "name": (str, True), "baseUrl": (str, True), "model": (str, False),
     "apiKeyEnv": (str, False), "maxConcurrent": (int, False), "timeoutSeconds": (int, False)}
 UPSTREAM_URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s?#]*)?")
+# The databases Tanglebox supports (tanglebox.database checks the rest when it connects).
+DATABASE_URL = re.compile(r"(sqlite|sqlite\+pysqlite|postgresql|postgresql\+psycopg)://.*",
+                          re.DOTALL)
 
 
 class SettingsError(Exception):
@@ -138,9 +141,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quantization", "auto", str,
             "transformers weights: `auto` (8bit when `use8BitCompression`), `none`, `8bit`, `4bit`.",
             choices=("auto", "none", "8bit", "4bit")),
+    Setting("kvCacheType", "f16", str,
+            "llama.cpp's KV cache precision: `f16`, `q8_0` (half the memory per token of "
+            "context), `q4_0` (about a quarter); quantized caches use flash attention.",
+            choices=("f16", "q8_0", "q4_0")),
     Setting("nGpuLayers", -1, int,
             "llama.cpp layers to offload to the GPU; -1 all (when built with GPU support).",
             minimum=-1),
+    Setting("kvCacheDiskMegabytes", 2048, int,
+            "Disk for saved KV caches (llama.cpp): a long conversation's cache is saved when its "
+            "slot goes to another conversation and at shutdown, and loaded for its next turn, "
+            "also after a restart; least recently used first out; 0: off.", minimum=0),
+    Setting("kvCacheDirectory", "kv-cache", str,
+            "Folder of the saved KV caches, relative to settings.json."),
     Setting("apiTokensFile", "apiTokens.txt", str,
             "Token file (`name:token` lines, or hashed `name:sha256:hex`), relative to settings.json."),
     Setting("uiRequiresToken", "auto", str,
@@ -162,6 +175,9 @@ SETTINGS: tuple[Setting, ...] = (
             "What clients are told in maintenance mode."),
     Setting("socketIdleTimeoutSeconds", 600, (int, float),
             "A socket that sends nothing for this long is closed.", minimum=1),
+    Setting("finishRepliesWithoutWatchers", True, bool,
+            "A chat UI reply goes on being written (and saved) when no page watches it; "
+            "false: the last page leaving stops it."),
     Setting("maxConnections", 500, int,
             "Requests and sockets served at once; beyond that: 503 + Retry-After (`/health` is "
             "always answered).", minimum=1),
@@ -189,6 +205,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("widgetModel", "", str,
             "The model widget conversations use: a served model's id (the local model's, or a "
             "`remoteEndpoints` name); empty: the default model. The widget has no model picker."),
+    # Conversations storage (README: Conversations storage).
+    Setting("databaseUrl", "sqlite:///tanglebox.db", str,
+            "Where the chat UI's conversations are kept: `sqlite:///FILE` (relative to "
+            "settings.json) or `postgresql+psycopg://USER:PASSWORD@HOST/NAME` (README: "
+            "Conversations storage)."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -366,6 +387,11 @@ def _check_combinations(settings: Settings) -> None:
             raise SettingsError(f"{where}: \"metricsAllowedAddresses\" entries must be IP "
                                 f"addresses or networks like 10.0.0.0/8; got {_shown(entry)}") \
                 from None
+    if not DATABASE_URL.fullmatch(v["databaseUrl"]):
+        scheme = v["databaseUrl"].split(":", 1)[0]  # not the rest: it may hold a password
+        raise SettingsError(f"{where}: \"databaseUrl\" must be sqlite:///FILE or "
+                            "postgresql+psycopg://USER:PASSWORD@HOST/NAME; got a URL "
+                            f"starting {_shown(scheme)}")
     for key in ("allowedOrigins", "widgetAllowedOrigins"):
         for origin in v[key]:
             if not ORIGIN.fullmatch(origin):

@@ -12,7 +12,8 @@ import sys
 
 from tanglebox.engine import engine_from_settings
 from tanglebox.runtime import Runtime
-from tanglebox.serving import TangleboxServer, configure_logging, start_remotes
+from tanglebox.serving import (TangleboxServer, configure_logging, create_app_or_stop,
+                               start_remotes)
 from tanglebox.settings import load_settings
 from tests.extra_models import serve_models
 from tests.fake_backend import FakeBackend
@@ -24,7 +25,6 @@ class FakeServer(TangleboxServer):
         super().__init__(settings, location=None)
 
     def load(self):
-        from tanglebox.web import create_app
         configure_logging(self.settings)
         options = dict(self.fake_options)
         extra = options.pop("extra_models", {})
@@ -38,7 +38,7 @@ class FakeServer(TangleboxServer):
             if self.settings["modelName"]:
                 runtime.attach_engine(engine_from_settings(self.settings, FakeBackend(**options)))
         start_remotes(runtime)  # remoteEndpoints, as in production
-        return create_app(self.settings, runtime)
+        return create_app_or_stop(self.settings, runtime)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ class ReplyPage:
         for oob, outer in top_level(message):
             if oob == "true" and f'id="{self.id}"' in outer[:outer.index(">")]:
                 self.html = OOB.sub("", outer, count=1)
-            elif oob == "beforeend:#messages" and f'id="{self.id}"' in outer:
+            elif oob in ("beforeend:#messages", "true") and f'<article id="{self.id}"' in outer:
+                # the turn's first fragment; or #messages, section#turn-N holding it whole
                 start = outer.index(f'<article id="{self.id}"')
                 self.html = outer[start:element_end(outer, start)]
             elif oob == "true" and f'id="{self.id}-open"' in outer[:outer.index(">")]:

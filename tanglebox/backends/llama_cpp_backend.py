@@ -13,6 +13,13 @@ separate KV stream per sequence). ctypes releases the GIL during ``llama_decode`
 greenlets keep running while the model computes.
 
 ``grammar`` makes a reply's constraint to a GBNF grammar (``llama_grammar.LlamaGrammar``).
+
+With a KV cache folder (``kvCacheDirectory``, ``kvCacheDiskMegabytes``), a slot's cache outlives
+the slot: the backend follows which tokens each slot holds (from the decodes and forgets), saves
+a slot's sequence state (``llama_state_seq_get_data``) into the folder when ``forget`` is about
+to drop a long run of it and at ``close``, and ``restore_prefix`` loads the saved state that
+starts a new prompt (``llama_state_seq_set_data``) when it holds more of it than the slot. The
+folder itself: ``tanglebox.backends.llama_cpp_saved_state``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +38,7 @@ from llama_cpp import _logger as llama_logger
 
 from tanglebox import handoff
 from tanglebox.backends.base import BackendError, DecodeItem
+from tanglebox.backends.llama_cpp_saved_state import SavedStates
 from tanglebox.backends.llama_grammar import LlamaGrammar
 from tanglebox.model_location import ModelLocation
 from tanglebox.prompting import ModelChatFormat
@@ -45,6 +54,18 @@ BATCH_TOKENS = 512  # tokens per decode call: prompt chunks are cut to fit besid
 # about the same (matrix products are compute-bound), so a 512-token chunk would stall every
 # stream for the time of 512 tokens; 64 keeps a stream's pause under ~10x a normal step.
 CPU_PREFILL_CHUNK = 64
+# The KV cache precisions llama.cpp's CPU (and CUDA) flash-attention kernels support for both
+# K and V (the setting ``kvCacheType``).
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                  "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+# Sequences shorter than this are not saved: reading 256 tokens takes about a second on 2 CPU
+# cores, loading their state from disk a few milliseconds, but a folder of short states would
+# mostly hold greetings no one continues.
+MIN_SAVED_TOKENS = 256
+# Dropping fewer tokens than this is a conversation's own next turn (its reply re-rendered by
+# the template), not the slot going to another: nothing is saved, nothing loaded for so little.
+SAVED_STATE_SLACK = 32
+FINGERPRINT_SAMPLE = 1 << 20  # bytes of the model file's head and tail that name the model
 
 
 def gpu_offload_supported() -> bool:
@@ -62,7 +83,8 @@ class LlamaCppBackend:
     verifies_drafts = True  # DecodeItem.logits_count above 1: logits at each drafted position
 
     def __init__(self, path: Path, context_length: int, slots: int, gpu_layers: int,
-                 device: str, verbose: bool = False) -> None:
+                 device: str, verbose: bool = False, kv_cache_type: str = "f16",
+                 kv_cache: Path | None = None, kv_cache_bytes: int = 0) -> None:
         llama_logger.set_verbose(verbose)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -88,11 +110,17 @@ class LlamaCppBackend:
         ctx_params.kv_unified = False  # a KV stream per sequence: no cross-slot attention work
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
+        self.kv_cache_type = kv_cache_type
+        ctx_params.type_k = ctx_params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        if kv_cache_type != "f16":  # llama.cpp keeps a quantized V cache only with it
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise BackendError(f"llama.cpp could not create a context of {ctx_params.n_ctx} "
-                               "tokens; lower \"contextLength\" or \"parallelSlots\"")
+                               f"tokens with a {kv_cache_type} KV cache; lower "
+                               "\"contextLength\" or \"parallelSlots\", or use "
+                               "\"kvCacheType\": \"f16\"")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
@@ -108,6 +136,16 @@ class LlamaCppBackend:
             eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.saved_states: SavedStates | None = None
+        # The tokens each slot's KV cache holds; None after a failed decode (then unknown, so
+        # never saved, until the slot is emptied).
+        self._held: list[list[int] | None] = [[] for _ in range(slots)]
+        if kv_cache is not None and kv_cache_bytes > 0:
+            try:
+                self.saved_states = SavedStates(kv_cache, _fingerprint(path, ctx_params),
+                                                kv_cache_bytes)
+            except OSError as err:  # a cache: serving goes on without it
+                log.warning("KV caches will not be saved: %s (kvCacheDirectory)", err)
 
     @classmethod
     def load(cls, settings: Settings, location: ModelLocation) -> "LlamaCppBackend":
@@ -117,7 +155,10 @@ class LlamaCppBackend:
         return cls(location.path, settings["contextLength"], settings["parallelSlots"],
                    gpu_layers=999 if layers < 0 else layers,
                    device=device if on_gpu else "cpu",
-                   verbose=settings["enableModelDebugOutput"])
+                   verbose=settings["enableModelDebugOutput"],
+                   kv_cache_type=settings["kvCacheType"],
+                   kv_cache=settings.relative_path(settings["kvCacheDirectory"]),
+                   kv_cache_bytes=settings["kvCacheDiskMegabytes"] << 20)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -175,7 +216,15 @@ class LlamaCppBackend:
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
+            for item in items:
+                self._held[item.slot] = None
             raise RuntimeError(f"llama_decode failed with status {status}")
+        if self.saved_states is not None:
+            for item in items:
+                held = self._held[item.slot]
+                if held is not None:
+                    del held[item.position:]
+                    held.extend(item.tokens)
         rows = self._logits_rows(sum(item.logits_count for item in items if item.want_logits))
         results: list[np.ndarray | None] = [None] * len(items)
         row = 0
@@ -187,7 +236,14 @@ class LlamaCppBackend:
         return results
 
     def forget(self, slot: int, keep: int) -> None:
+        if self.saved_states is not None:
+            self._save_before_drop(slot, keep)
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
+        held = self._held[slot]
+        if keep == 0:
+            self._held[slot] = []
+        elif held is not None:
+            del held[keep:]
 
     def grammar(self, gbnf: str) -> LlamaGrammar:
         return LlamaGrammar(self._vocab, self._n_vocab, gbnf)
@@ -195,10 +251,57 @@ class LlamaCppBackend:
     def close(self) -> None:
         self._close_embeddings()  # a context on the model: freed before the model
         if self._ctx:
+            if self.saved_states is not None:  # every slot's cache, for the next start
+                for slot in range(self.max_sequences):
+                    self._save_before_drop(slot, keep=0)
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
+
+    # -- the KV cache on disk ---------------------------------------------------------------
+
+    def restore_prefix(self, slot: int, tokens: list[int], cached: int) -> list[int] | None:
+        """Load into ``slot`` the saved state sharing the longest prefix with ``tokens`` when it
+        holds more of them than the slot's ``cached``; then the tokens the slot holds (all of
+        the saved sequence: the caller forgets what it does not share), else None: the slot is
+        as it was. The engine calls this as it gives ``slot`` to a request."""
+        if self.saved_states is None or len(tokens) < MIN_SAVED_TOKENS:
+            return None
+        found = self.saved_states.longest_prefix(tokens)
+        if found is None or found[1] < MIN_SAVED_TOKENS or found[1] <= cached + SAVED_STATE_SLACK:
+            return None
+        state = found[0]
+        data = self.saved_states.read(state)
+        if data is None:
+            return None
+        self.forget(slot, 0)  # saving what it held first, when worth it
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(data), slot):
+            self.saved_states.discard(state, "llama.cpp could not load it")
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, 0, -1)
+            return []
+        self._held[slot] = state.tokens.tolist()
+        return list(self._held[slot])
+
+    def _save_before_drop(self, slot: int, keep: int) -> None:
+        """Save the slot's sequence when ``forget(slot, keep)`` would drop a long run of it.
+        On the engine's thread, which owns the context: llama.cpp copies the state in memory
+        in a few milliseconds; with the file written, about 5 ms per MB on 2 busy CPU cores
+        (docs/benchmarks.md: a conversation's next turn after a restart)."""
+        held = self._held[slot]
+        if (self.saved_states is None or held is None or len(held) < MIN_SAVED_TOKENS
+                or len(held) - keep <= SAVED_STATE_SLACK or self.saved_states.holds(held)):
+            return
+        try:
+            size = llama_cpp.llama_state_seq_get_size(self._ctx, slot)
+            buffer = (ctypes.c_uint8 * size)()
+            if llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, slot) != size:
+                log.warning("llama.cpp did not copy slot %d's state; not saved", slot)
+                return
+            self.saved_states.write(held, memoryview(buffer))
+        except Exception:  # noqa: BLE001 - a cache: a failed save must not fail a request
+            log.exception("saving slot %d's KV state failed", slot)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -249,3 +352,17 @@ class LlamaCppBackend:
             self._embeddings_closed = True
             if self._embeddings is not None:
                 self._embeddings.close()  # waits for a running decode
+
+
+def _fingerprint(path: Path, ctx_params: llama_cpp.llama_context_params) -> bytes:
+    """What a saved state is only good for: this model file (its size, head and tail; hashing
+    gigabytes at every start would be too slow), this llama.cpp, this context shape."""
+    digest = sha256(f"{llama_cpp.__version__}|{ctx_params.n_ctx // ctx_params.n_seq_max}|"
+                    f"{ctx_params.type_k}|{ctx_params.type_v}|".encode())
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(file.read(FINGERPRINT_SAMPLE))
+        file.seek(max(0, size - FINGERPRINT_SAMPLE))
+        digest.update(file.read(FINGERPRINT_SAMPLE))
+    return digest.digest()

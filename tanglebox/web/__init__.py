@@ -2,11 +2,17 @@
 
 - ``pages``: the chat UI at ``/``, the widget at ``/widget``, ``/health``
 - ``signin``: ``/signin``, when the chat UI asks for an API token
+- ``history``: the chat UI's stored conversations: ``/c/<id>``, the sidebar, export, import
+  (``browser_identity``: whose they are, a cookie per browser)
 - ``api``: ``/conversation``, the original REST contract
 - ``original_socket``: the original websocket protocol at ``/``
 - ``ui_socket``: the HTMX chat socket at ``/ws/chat``
 - ``openai_api``: the OpenAI-compatible API under ``/v1`` (its errors in OpenAI's shape)
 - ``metrics_route``: Prometheus metrics at ``/metrics``, and every request counted
+
+Before it serves, the app opens the conversations database (``databaseUrl``: migrated, replies
+a dead process left unfinished marked interrupted) and keeps its ``ConversationStore`` in
+``app.extensions`` (``conversation_store.conversation_store(app)``).
 
 In front of the app, ``connection_limits.ConnectionGuard`` caps the connections per client
 address and in total, and reads request bodies within a deadline.
@@ -24,6 +30,8 @@ from flask import Flask, Response, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException, default_exceptions
 
+from tanglebox.conversation_store import open_conversations
+from tanglebox.database import Database, database_url, open_database
 from tanglebox.runtime import Refused, Runtime
 from tanglebox.settings import Settings
 from tanglebox.web import security
@@ -32,10 +40,14 @@ from tanglebox.web.connection_limits import ConnectionGuard, ConnectionLimits
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
+def create_app(settings: Settings, runtime: Runtime | None = None,
+               database: Database | None = None) -> Flask:
+    """The app; it opens (and migrates) ``databaseUrl`` unless given ``database``: a
+    DatabaseError is the start-up error."""
     app = Flask("tanglebox", root_path=str(ROOT), template_folder="templates",
                 static_folder="static")
     app.extensions["tanglebox"] = runtime or Runtime(settings)
+    open_conversations(app, database or open_database(database_url(settings)))
     app.config.update(
         MAX_CONTENT_LENGTH=settings["maxRequestBytes"],
         # Flask caps a form field at 500 kB by default; a form prompt may be as long as JSON.
@@ -55,13 +67,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     app.register_error_handler(HTTPException, error_response)
     app.register_error_handler(Refused, refusal_response)
 
-    from tanglebox.web import (api, metrics_route, openai_api, original_socket, pages, signin,
-                               ui_socket)
+    from tanglebox.web import (api, browser_identity, history, metrics_route, openai_api,
+                               original_socket, pages, signin, ui_socket)
     from tanglebox.web.openai_wire import OpenAIError
     app.register_error_handler(OpenAIError, openai_api.openai_error)
     signin.init_app(app)
+    browser_identity.init_app(app)
     sock = Sock(app)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(history.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(openai_api.blueprint)
     original_socket.register(sock)

@@ -1,21 +1,32 @@
-"""Pages: the chat UI at ``/``, the embeddable widget at ``/widget``, and ``/health``.
+"""Pages: the chat UI at ``/`` (a new chat) and ``/c/<id>`` (a stored one, via ``history``),
+the embeddable widget at ``/widget``, and ``/health``.
 
-The chat pages are rendered with an empty conversation and a fresh conversation id in their
-socket URL (``/ws/chat?conversation=…``); everything after that arrives over the socket
-(``ui_socket``) as fragments of the same partials.
+A chat page is rendered with its conversation (empty for a new chat; the stored current
+branch for ``/c/<id>``), this browser's history in the sidebar, and the conversation's id in
+its socket URL (``/ws/chat?conversation=…``); everything after that arrives over the socket
+(``ui_socket``) as fragments of the same partials. A new chat is stored with its first
+message (so empty chats never fill the history); the page's URL then becomes ``/c/<id>``.
+
+The widget has no history list: it reopens this browser's latest conversation with the site
+that embeds it (``browser_identity``: a partitioned cookie per embedding site), and New chat
+starts another.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from flask import Blueprint, jsonify, render_template
+from flask import Blueprint, current_app, jsonify, render_template
 
+from tanglebox.conversation_store import StoredConversation, conversation_store
 from tanglebox.runtime import RuntimeState, current_runtime
 from tanglebox.served_models import ModelStatus
+from tanglebox.web.browser_identity import browser_id, embedding_site, widget_keeps_cookie
+from tanglebox.web.history import history_items
 from tanglebox.web.security import allow_framing
 from tanglebox.web.signin import signed_in, ui_requires_token
-from tanglebox.web.ui_conversation import PAGE, WIDGET, new_conversation, new_conversation_id
+from tanglebox.web.ui_conversation import (PAGE, WIDGET, UiChats, new_conversation_id,
+                                           page_conversations, reply_runs)
 from tanglebox.web.ui_fragments import ui_context
 
 blueprint = Blueprint("pages", __name__)
@@ -63,8 +74,16 @@ def model_health(status: ModelStatus) -> dict:
 
 @blueprint.get("/")
 def index():
-    """The chat UI."""
-    return render_template("index.html", **_chat_page_context(PAGE))
+    """The chat UI: a new chat."""
+    return chat_page(None)
+
+
+def chat_page(stored: StoredConversation | None) -> str:
+    """The chat page with ``stored`` (None: a new chat) and the sidebar."""
+    context = _chat_page_context(PAGE, stored)
+    current_id = stored.id if stored else ""
+    return render_template("index.html", history=history_items(current_id), query="",
+                           current_id=current_id, **context)
 
 
 @blueprint.get("/widget")
@@ -75,19 +94,35 @@ def widget():
     """
     settings = current_runtime().settings
     allow_framing(settings["widgetAllowedOrigins"])
+    site = embedding_site()
+    latest = None
+    if widget_keeps_cookie():
+        store = conversation_store(current_app)
+        newest = store.list(browser_id(WIDGET), WIDGET, site, limit=1)
+        latest = store.get(newest[0].id, browser_id(WIDGET)) if newest else None
     return render_template("widget.html", widget_title=settings["widgetTitle"],
-                           **_chat_page_context(WIDGET))
+                           **_chat_page_context(WIDGET, latest, site))
 
 
-def _chat_page_context(surface: str) -> dict:
+def _chat_page_context(surface: str, stored: StoredConversation | None,
+                       site: str = "") -> dict:
+    """What the chat page renders: the conversation as the socket will show it (the same
+    bridge, ``ui_conversation.UiChats``, a reply being written included), and its socket URL:
+    the conversation's id, and this page's own id (``page``: what a New chat on this page
+    comes to mean; each page load gets a new one)."""
     runtime = current_runtime()
-    conversation_id = new_conversation_id()
-    conversation = new_conversation(conversation_id, surface, runtime.settings)
     settings = runtime.settings
+    store = conversation_store(current_app)
+    page_id = new_conversation_id()
+    chats = UiChats(store, reply_runs(current_app, store), page_conversations(current_app),
+                    browser_id(surface), surface, site, settings, page_id)
+    conversation = chats.open(stored.id if stored else None)
+    query = {"conversation": conversation.id, "page": page_id, "surface": surface}
+    if site:
+        query["site"] = site
     return {
         **ui_context(runtime, conversation),
-        "socket_url": "/ws/chat?" + urlencode({"conversation": conversation_id,
-                                               "surface": surface}),
+        "socket_url": "/ws/chat?" + urlencode(query),
         "maintenance_message": settings["maintenanceMessage"] if settings["maintenanceMode"]
         else "",
         "signed_in": ui_requires_token() and signed_in(),

@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, abort, redirect, render_template, request, s
 from tanglebox.runtime import current_runtime
 from tanglebox.web.auth import api_tokens
 from tanglebox.web.security import allow_framing, is_websocket_handshake
-from tanglebox.web.ui_conversation import PAGE, WIDGET
+from tanglebox.web.ui_conversation import CONVERSATION_ID, PAGE, WIDGET
 
 SESSION_KEY = "token_sha256"
 SESSION_DAYS = 30
@@ -115,7 +115,11 @@ def _require_sign_in():
 def _next_path() -> str:
     """Where to go after signing in: one of the guarded pages, never a URL from elsewhere."""
     wanted = request.values.get("next", "/")
-    return wanted if wanted in GUARDED_PAGES else "/"
+    # ... or a stored conversation's page (``history.py``), where a link to it signed in to
+    if wanted in GUARDED_PAGES or (wanted.startswith("/c/")
+                                   and CONVERSATION_ID.fullmatch(wanted[len("/c/"):])):
+        return wanted
+    return "/"
 
 
 def _allow_widget_framing() -> None:

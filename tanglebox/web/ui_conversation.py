@@ -1,46 +1,64 @@
-"""What the chat UI remembers about one conversation, and where it keeps it between sockets.
+"""The bridge from the conversation store (``conversation_store``) to the chat UI's socket.
 
-A page (``/`` or ``/widget``) is rendered with a fresh random conversation id in its socket URL.
-The UI socket keeps that conversation (its turns and its settings) in the app's
-:class:`ConversationStore`, so when htmx reconnects (the network blinked, the idle timeout
-closed the socket) the page carries on where it was instead of talking to a model that has
-forgotten everything on screen. Memory stays bounded: a conversation no socket is attached to
-is forgotten after ``DETACHED_TTL_SECONDS``, and at most ``MAX_DETACHED`` of them are kept.
-The store lives in the one worker process, used by its greenlets; none of its methods yields,
-so no lock is needed.
+A conversation lives in the database: a tree of messages, of which the page shows the current
+branch. This module turns that branch into what the partials render (:class:`Conversation`,
+its :class:`Turn` s, each message's alternatives "‹ 2/3 ›" as a :class:`Flip`), and keeps the
+few things the socket needs beside the store:
+
+- a page that has not sent anything yet has no stored conversation (empty chats are never
+  stored): its socket URL names a random id; the first message creates the stored
+  conversation, and :class:`PageConversations` remembers which one that page id now means, so
+  a socket that reconnects with the page's id finds it (the page's URL becomes ``/c/<id>``
+  from ``data-conversation-url``, so a reload finds it too);
+- the reply being written (``reply_runs``) is shown as the branch up to the message it follows,
+  then its turn with the text so far.
+
+Everything here runs in the worker's one process; nothing yields between reading and writing
+the in-memory maps, so no lock is needed.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from flask import Flask
 
-from tanglebox.engine import Generation
 from tanglebox.prompting import ASSISTANT, USER, Message
+from tanglebox.reply_runs import ReplyRun, ReplyRuns
 from tanglebox.settings import Settings
 
 PAGE, WIDGET = "page", "widget"
-DETACHED_TTL_SECONDS = 30 * 60
-MAX_DETACHED = 500
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-EXTENSION_KEY = "tanglebox.ui_conversations"
+MAX_PAGES = 10_000  # page ids remembered; the oldest are forgotten first
+RUNS_KEY, PAGES_KEY = "tanglebox.reply_runs", "tanglebox.ui_page_conversations"
+
+
+@dataclass(frozen=True)
+class Flip:
+    """A message's place among its alternatives (the same parent and role): "‹ 2/3 ›"."""
+
+    index: int  # from 1
+    count: int
+    previous: int | None  # the message ids the arrows select
+    next: int | None
 
 
 @dataclass
 class Turn:
     """One exchange: what the person wrote and what the model answered."""
 
-    id: int
+    id: int  # its place in the branch, from 1 (the page's ``turn-N``)
     prompt: str
     reply: str = ""
     note: str = ""  # why the reply ended early ("Stopped", ...); empty when it ended normally
+    prompt_message_id: int | None = None
+    reply_message_id: int | None = None
+    prompt_flip: Flip | None = None
+    reply_flip: Flip | None = None
 
 
 @dataclass
@@ -52,32 +70,40 @@ class ChatSettings:
     system_prompt: str  # empty: the server's default
     model: str = ""  # a served model's id; empty: the default model
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-@dataclass
-class ReplyInProgress:
-    """The reply a socket is writing; a reconnecting socket may interrupt it."""
-
-    generation: Generation
-    interrupted: bool = False
-    # Looked up at creation, not import: under gevent, threading is patched into greenlet-aware.
-    finished: threading.Event = field(default_factory=lambda: threading.Event())
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], defaults: "ChatSettings") -> "ChatSettings":
+        known = {k: values[k] for k in asdict(defaults) if k in values}
+        return cls(**{**asdict(defaults), **known})
 
 
 @dataclass
 class Conversation:
-    id: str
+    """What the page shows: the current branch as turns, and this conversation's settings."""
+
+    id: str  # the stored conversation's id, or the page's own while nothing is stored
     surface: str  # PAGE or WIDGET
     settings: ChatSettings
     turns: list[Turn] = field(default_factory=list)
-    reply: ReplyInProgress | None = None
-    sockets: int = 0
-    detached_at: float = 0.0
-    _next_turn_id: int = 1
+    stored: bool = False
+    busy: bool = False  # a reply is being written for it
 
     @property
-    def busy(self) -> bool:
-        """A reply is being written (by whichever socket asked for it)."""
-        return self.reply is not None
+    def url(self) -> str:
+        """Where the page that shows it lives (``data-conversation-url``): ``/c/<id>``, or
+        ``/`` while nothing is stored; the widget has none."""
+        if self.surface != PAGE:
+            return ""
+        return f"/c/{self.id}" if self.stored else "/"
+
+    @property
+    def leaf_id(self) -> int | None:
+        """The last message shown: what a new message follows."""
+        if not self.turns:
+            return None
+        return self.turns[-1].reply_message_id or self.turns[-1].prompt_message_id
 
     def history(self, before: Turn | None = None) -> list[Message]:
         """The turns (up to ``before``, excluded) as alternating user/assistant messages."""
@@ -89,78 +115,179 @@ class Conversation:
         return messages
 
     def add_turn(self, prompt: str) -> Turn:
-        turn = Turn(self._next_turn_id, prompt)
-        self._next_turn_id += 1
+        turn = Turn(len(self.turns) + 1, prompt)
         self.turns.append(turn)
         return turn
 
-    def remove_turn(self, turn: Turn) -> None:
-        self.turns.remove(turn)
 
-    def clear(self) -> None:
-        self.turns.clear()
+class Branch(Protocol):
+    """The store's reads this module makes (``ConversationStore`` is one)."""
+
+    def branch(self, conversation_id: str) -> list[Any]: ...
+
+    def alternatives(self, message_id: int) -> list[int]: ...
 
 
 def new_conversation_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-def new_conversation(conversation_id: str, surface: str, settings: Settings) -> Conversation:
-    """A conversation with the server's defaults (and the widget's system prompt and model
-    there)."""
+def default_settings(surface: str, settings: Settings) -> ChatSettings:
+    """The server's defaults (the widget's system prompt and model there)."""
     widget = surface == WIDGET
-    return Conversation(conversation_id, surface, ChatSettings(
+    return ChatSettings(
         temperature=float(settings["temperature"]), max_new_tokens=settings["maxNewTokens"],
         system_prompt=settings["widgetSystemPrompt"] if widget else "",
-        model=settings["widgetModel"] if widget else ""))
+        model=settings["widgetModel"] if widget else "")
 
 
-class ConversationStore:
-    """Conversations by id; detached ones expire, the oldest first."""
+def new_conversation(conversation_id: str, surface: str, settings: Settings) -> Conversation:
+    """A conversation not stored yet, with the server's defaults."""
+    return Conversation(conversation_id, surface, default_settings(surface, settings))
 
-    def __init__(self, ttl: float = DETACHED_TTL_SECONDS, max_detached: int = MAX_DETACHED,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl = ttl
-        self.max_detached = max_detached
-        self.clock = clock
-        self._conversations: dict[str, Conversation] = {}
-        self._detached: OrderedDict[str, None] = OrderedDict()  # oldest detach first
 
-    def attach(self, conversation_id: str | None,
-               create: Callable[[str], Conversation]) -> Conversation:
-        """The conversation with this id (a new one from ``create(id)`` if unknown or invalid)."""
-        self._expire()
-        if not conversation_id or not CONVERSATION_ID.match(conversation_id):
-            conversation_id = new_conversation_id()
-        conversation = self._conversations.get(conversation_id)
-        if conversation is None:
-            conversation = self._conversations[conversation_id] = create(conversation_id)
-        self._detached.pop(conversation_id, None)
-        conversation.sockets += 1
+def load_turns(store: Branch, conversation_id: str, run: ReplyRun | None) -> list[Turn]:
+    """The current branch as turns; with a reply being written, the branch up to the message
+    it follows, then its turn (its text so far)."""
+    messages = store.branch(conversation_id)
+    if run is not None:
+        ids = [m.id for m in messages]
+        messages = messages[:ids.index(run.parent_id) + 1] if run.parent_id in ids else []
+    turns: list[Turn] = []
+    for message in messages:
+        if message.role == USER:
+            turns.append(Turn(len(turns) + 1, message.content, prompt_message_id=message.id,
+                              prompt_flip=_flip(store, message.id)))
+        elif turns:
+            turn = turns[-1]
+            turn.reply, turn.note, turn.reply_message_id = (message.content, message.note,
+                                                            message.id)
+            turn.reply_flip = _flip(store, message.id)
+    if run is not None:
+        if run.prompt is not None:
+            turns.append(Turn(len(turns) + 1, run.prompt))
+        if turns:
+            turns[-1].reply, turns[-1].note, turns[-1].reply_flip = run.text, "", None
+    return turns
+
+
+def _flip(store: Branch, message_id: int) -> Flip | None:
+    ids = store.alternatives(message_id)
+    if len(ids) < 2 or message_id not in ids:
+        return None
+    at = ids.index(message_id)
+    return Flip(at + 1, len(ids), ids[at - 1] if at > 0 else None,
+                ids[at + 1] if at + 1 < len(ids) else None)
+
+
+class PageConversations:
+    """Which stored conversation a page's socket id means now (``None``: a new one).
+
+    A page opened at ``/`` carries a random id; its first message stores a conversation with
+    the store's own id, remembered here; New chat forgets it again, so a reconnecting socket
+    of that page gets the conversation the page shows.
+    """
+
+    def __init__(self, limit: int = MAX_PAGES) -> None:
+        self.limit = limit
+        self._pages: OrderedDict[tuple[str, str], str | None] = OrderedDict()
+
+    def resolve(self, owner: str, page_id: str) -> str | None:
+        key = (owner, page_id)
+        if key in self._pages:
+            self._pages.move_to_end(key)
+            return self._pages[key]
+        return page_id
+
+    def remember(self, owner: str, page_id: str, conversation_id: str | None) -> None:
+        self._pages[(owner, page_id)] = conversation_id
+        self._pages.move_to_end((owner, page_id))
+        while len(self._pages) > self.limit:
+            self._pages.popitem(last=False)
+
+
+class Store(Branch, Protocol):
+    """The store's calls the UI makes (``ConversationStore``)."""
+
+    def get(self, conversation_id: str, owner: str) -> Any: ...
+
+    def create(self, owner: str, surface: str, site: str, settings: dict) -> Any: ...
+
+    def update_settings(self, conversation_id: str, settings: dict) -> None: ...
+
+    def select(self, conversation_id: str, message_id: int) -> None: ...
+
+
+@dataclass
+class UiChats:
+    """One socket's way to its person's conversations: the store, the replies being written,
+    and which conversation its page id means."""
+
+    store: Store
+    runs: ReplyRuns
+    pages: PageConversations
+    owner: str  # the browser's id (browser_identity)
+    surface: str
+    site: str  # the widget's embedding site; "" on the page
+    server_settings: Settings
+    page_id: str  # the page's own id: ``page``, else ``conversation`` (the page's first)
+    page_named: bool = False  # the socket URL had ``page``
+
+    def open(self, conversation_id: str | None) -> Conversation:
+        """The conversation this page shows: a stored one of this browser (and surface), else
+        a new one, not stored yet. Another browser's is never shown: it is a new one here.
+
+        What the page's id has come to mean (its first message stored one; New chat) counts
+        when the page named itself (``page``), or when ``conversation`` is not a stored one
+        (a new page's random id): a page opened at ``/c/<id>`` shows that conversation."""
+        wanted = conversation_id if conversation_id and CONVERSATION_ID.match(
+            conversation_id) else None
+        stored = self.store.get(wanted, self.owner) if wanted else None
+        if self.page_named or stored is None:
+            moved_to = self.pages.resolve(self.owner, self.page_id)
+            if moved_to != self.page_id:
+                stored = self.store.get(moved_to, self.owner) if moved_to else None
+        if stored is None or stored.surface != self.surface:
+            return new_conversation(self.page_id, self.surface, self.server_settings)
+        conversation = Conversation(stored.id, self.surface, ChatSettings.from_dict(
+            stored.settings, default_settings(self.surface, self.server_settings)),
+            stored=True)
+        return self.reload(conversation)
+
+    def reload(self, conversation: Conversation) -> Conversation:
+        """Its branch and whether a reply is being written, as the store and runs hold them."""
+        if conversation.stored:
+            run = self.runs.get(conversation.id)
+            conversation.turns = load_turns(self.store, conversation.id, run)
+            conversation.busy = run is not None
         return conversation
 
-    def detach(self, conversation: Conversation) -> None:
-        conversation.sockets -= 1
-        if conversation.sockets <= 0 and conversation.id in self._conversations:
-            conversation.detached_at = self.clock()
-            self._detached[conversation.id] = None
-            self._expire()
+    def create(self, conversation: Conversation) -> None:
+        """Store the conversation (with its first message, which the reply run stores)."""
+        stored = self.store.create(self.owner, self.surface, self.site,
+                                   conversation.settings.as_dict())
+        conversation.id, conversation.stored = stored.id, True
+        self.pages.remember(self.owner, self.page_id, stored.id)
 
-    def __len__(self) -> int:
-        return len(self._conversations)
+    def forget(self) -> Conversation:
+        """New chat: this page shows a new conversation (stored with its first message)."""
+        self.pages.remember(self.owner, self.page_id, None)
+        return new_conversation(self.page_id, self.surface, self.server_settings)
 
-    def _expire(self) -> None:
-        now = self.clock()
-        while self._detached:
-            oldest = next(iter(self._detached))
-            conversation = self._conversations[oldest]
-            if (len(self._detached) <= self.max_detached
-                    and now - conversation.detached_at < self.ttl):
-                break
-            del self._detached[oldest]
-            del self._conversations[oldest]
+    def save_settings(self, conversation: Conversation) -> None:
+        if conversation.stored:
+            self.store.update_settings(conversation.id, conversation.settings.as_dict())
 
 
-def conversation_store(app: Flask) -> ConversationStore:
-    """The app's store (one per app, so two apps in one test process never share one)."""
-    return app.extensions.setdefault(EXTENSION_KEY, ConversationStore())
+def reply_runs(app: Flask, store: Any) -> ReplyRuns:
+    """The app's replies being written (one map per app)."""
+    runs = app.extensions.get(RUNS_KEY)
+    if runs is None:
+        settings = app.extensions["tanglebox"].settings
+        runs = app.extensions[RUNS_KEY] = ReplyRuns(
+            store, settings["finishRepliesWithoutWatchers"])
+    return runs
+
+
+def page_conversations(app: Flask) -> PageConversations:
+    return app.extensions.setdefault(PAGES_KEY, PageConversations())

@@ -29,10 +29,12 @@ class RenderedTurn:
     turn: Turn
     prompt_html: Markup
     reply_html: Markup
+    streaming: bool = False  # its reply is being written: it comes as deltas after the sync
 
 
-def render_turn(turn: Turn) -> RenderedTurn:
-    return RenderedTurn(turn, render_markdown(turn.prompt), render_markdown(turn.reply))
+def render_turn(turn: Turn, streaming: bool = False) -> RenderedTurn:
+    return RenderedTurn(turn, render_markdown(turn.prompt),
+                        Markup("") if streaming else render_markdown(turn.reply), streaming)
 
 
 def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
@@ -45,7 +47,9 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
         "placeholder": ("Type your question…" if conversation.surface == WIDGET
                         else f"Message {model_name}"),
         "max_new_tokens_limit": runtime.settings["maxNewTokensLimit"],
-        "rendered_turns": [render_turn(turn) for turn in conversation.turns],
+        "rendered_turns": [render_turn(turn, conversation.busy and turn is conversation.turns[-1])
+                           for turn in conversation.turns],
+        "conversation_url": conversation.url,
         "busy": conversation.busy,
         "can_regenerate": bool(conversation.turns),
         "draft": "",
@@ -95,6 +99,15 @@ def new_turn_fragment(turn: Turn) -> str:
     section = turn_section(turn, render_markdown(turn.prompt), Markup(""), streaming=True)
     # beforeend swaps the wrapper's children into the target, so the wrapper is a plain div.
     return f'<div hx-swap-oob="beforeend:#messages">{section}</div>'
+
+
+def turn_fragment(turn: Turn, streaming: bool = False) -> str:
+    """``section#turn-N`` (outerHTML): the turn rendered whole, with its controls (after a
+    reply with alternatives ends; an edited message starting its reply)."""
+    turn_section = get_template_attribute("_turn.html", "turn_section")
+    return str(turn_section(turn, render_markdown(turn.prompt),
+                            Markup("") if streaming else render_markdown(turn.reply),
+                            streaming=streaming, oob=True))
 
 
 def reply_fragment(turn: Turn, text: str, streaming: bool, note: str = "") -> str:

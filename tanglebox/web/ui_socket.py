@@ -1,24 +1,31 @@
 """The chat UI's socket at ``/ws/chat``: htmx's ws extension in, HTML fragments out.
 
-One socket's life:
+A conversation lives in the database (``conversation_store``), and a reply being written
+belongs to its conversation, not to a socket (``reply_runs``). One socket's life:
 
-- **connect**: the Origin was checked before the upgrade (``security.py``). The socket attaches
-  to the conversation named by ``?conversation=`` (a new one when unknown; see
-  ``ui_conversation``) and sends the *sync*, so a page that reconnects shows what the server
-  holds. If another socket was still writing a reply for that conversation, the reply is
-  interrupted first (a reconnecting page takes its conversation over).
+- **connect** (``/ws/chat?conversation=<id>[&page=<id>]``): the Origin was checked before the
+  upgrade (``security.py``). The socket shows the stored conversation of this browser
+  (``browser_identity``) named by ``conversation``, or the one this page has moved to since
+  (its first message stored one, or New chat: ``UiChats.open``; ``page``, the page load's own
+  random id, defaults to ``conversation``); anything else (unknown, another browser's,
+  malformed) is a new conversation, stored with its first message. It sends the *sync*; if a
+  reply is being written, it then watches it (``ui_reply_watch``): the reply so far, then the
+  rest as it comes (no gap, no repeat: every update is made from the whole text).
 - **loop**: wait for a message, act on it, answer with fragments. A socket silent for
   ``socketIdleTimeoutSeconds`` is closed (code 1000, reason "idle"; the page reconnects when the
   person comes back).
-- **close**: the reply being written for this socket is cancelled (what was written stays, noted
-  "Interrupted."); the conversation is kept for a while so a reconnect can carry on.
+- **close**: the socket stops watching; the reply goes on and is saved (with
+  ``finishRepliesWithoutWatchers`` false, the last socket leaving stops it, "Interrupted").
 
 Client to server: htmx sends a form's values as a JSON object plus a ``HEADERS`` object (ignored)::
 
     {"userPrompt": "…"}          send a message (the composer form)
-    {"action": "stop"}           stop the reply being written
-    {"action": "regenerate"}     write the last reply again
-    {"action": "new"}            New chat: forget the conversation
+    {"action": "stop"}           stop the reply being written (from any socket of it)
+    {"action": "regenerate"}     write the last reply again (the old one kept as an alternative)
+    {"action": "edit", "userPrompt": "…"}   the last message, edited: an alternative of it,
+                                 and a new reply
+    {"action": "select", "message": "12"}   show the branch through this alternative ("‹ ›")
+    {"action": "new"}            New chat: a new conversation (the old one stays stored)
     {"action": "settings", "model": "", "temperature": "0.7", "maxNewTokens": "512",
      "systemPrompt": ""}                               (``ui_settings``; no "model" with one
                                                         model served: no picker)
@@ -26,10 +33,15 @@ Client to server: htmx sends a form's values as a JSON object plus a ``HEADERS``
 Server to client: each line below is one websocket message; every top-level element in it
 carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
 
-    connect      #messages, #composer [, #settings-form on the page, not the widget]
+    connect      #messages (data-conversation-url: "/c/<id>", "/" while nothing is stored; the
+                 page's address bar follows it), #composer [, #settings-form on the page, not
+                 the widget]; a reply being written is in #messages with an empty open end,
+                 then comes as in 2 and 3 below
     send         1   div[hx-swap-oob="beforeend:#messages"] > section#turn-N (the person's
                      message, article#turn-N-reply holding only div#turn-N-reply-open, the
-                     reply's open end: aria-busy, typing dots), #composer (disabled, with
+                     reply's open end: aria-busy, typing dots); for a conversation's first
+                     message #messages whole instead, holding that section (its
+                     data-conversation-url is now "/c/<id>"); #composer (disabled, with
                      Stop), #chat-error (empty)
                  2…  the reply as block deltas (``ui_fragments.StreamedReply``, blocks found by
                      ``markdown_blocks``): div[hx-swap-oob="beforebegin:#turn-N-reply-open"]
@@ -46,32 +58,37 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  3   the last finished blocks as in 2, div#turn-N-reply-open
                      hx-swap-oob="delete", the note (ended early, at the limit, empty) in a
                      div[hx-swap-oob="beforeend:#turn-N-reply .message__body"]: the article is
-                     now exactly what a reconnect renders from history; #composer (enabled,
-                     Regenerate on)
+                     now exactly what a reconnect renders from history; section#turn-N
+                     whole when the turn has alternatives (its "‹ 2/2 ›"); #composer
+                     (enabled, Regenerate on)
     regenerate   1   article#turn-N-reply (holding only its open end), #composer (disabled),
                      #chat-error (empty); then 2 and 3 as for send
-    stop         the reply ends at once: 3, with the note "Stopped."
-    new          #messages (empty), #composer, #chat-error (empty); while a reply streams, the
-                 reply is stopped first (no step 3)
+    edit         1   section#turn-N (the edited message, the reply's open end), #composer
+                     (disabled), #chat-error (empty); then 2 and 3
+    select       #messages (the branch through that message), #composer, #chat-error (empty)
+    stop         the reply ends at once: 3, with the note "Stopped.", on every socket
+                 watching it
+    new          #messages (empty, data-conversation-url="/"), #composer, #chat-error (empty);
+                 a reply being written goes on in its conversation (this socket stops watching)
     settings     #settings-form (saved; or the bad fields named, and nothing changed, a
                  model not served here included). A new model chosen: also #model-chip,
                  #composer (its placeholder; the draft kept, as on connect) and, while the
                  conversation is empty, #messages (its welcome): each names the model. While a
                  reply streams they apply from the next reply on, the model too
-                 (``ChatRequest.model``). A page keeps its chip across a reconnect (a new page
-                 is a new conversation), so connect sends none.
+                 (``ChatRequest.model``). A page keeps its chip across a reconnect, so connect
+                 sends none. Stored with the conversation.
     refused      #chat-error (why), #composer (enabled, the person's text put back):
                  bad input, maintenance, model loading, queue full, a reply already being
                  written, a model no longer served. An engine error after step 1 first
                  removes the turn (div#turn-N hx-swap-oob="delete"), or for regenerate
                  restores the old reply.
+                 A socket that only watched a reply that failed gets #messages again.
                  An unreadable message, or a message other than Stop, New chat or settings
                  while a reply streams: #chat-error alone (the reply goes on).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from flask import current_app, request
@@ -79,20 +96,25 @@ from flask_sock import Sock
 
 from tanglebox.chat_request import ChatRequest, RequestError, parse_user_prompt
 from tanglebox.client_json import decode_json
-from tanglebox.generation import ENDED_EARLY, Delta, Done, Error, FinishReason, Generation
+from tanglebox.conversation_store import conversation_store
+from tanglebox.generation import Generation
 from tanglebox.prompting import USER, Message
+from tanglebox.reply_runs import Busy, ReplyRun
 from tanglebox.runtime import Refused, Runtime, current_runtime
 from tanglebox.served_models import UnknownModel
+from tanglebox.web.browser_identity import browser_id, embedding_site
 from tanglebox.web.socket_inbox import bounded_inbox, close
 from tanglebox.web.socket_writes import write_whole_frames
 from tanglebox.web.ui_conversation import (
+    CONVERSATION_ID,
     PAGE,
     WIDGET,
     Conversation,
-    ReplyInProgress,
     Turn,
-    conversation_store,
-    new_conversation,
+    UiChats,
+    new_conversation_id,
+    page_conversations,
+    reply_runs,
 )
 from tanglebox.web.ui_fragments import (
     ReplyFragments,
@@ -105,42 +127,21 @@ from tanglebox.web.ui_fragments import (
     new_turn_fragment,
     reply_fragment,
     settings_fragment,
+    turn_fragment,
+)
+from tanglebox.web.ui_reply_watch import (  # noqa: F401 - RenderPacer's names, as before
+    BUSY,
+    RENDER_CPU_SHARE,
+    RENDER_INTERVAL_SECONDS,
+    RENDER_PACER,
+    RenderPacer,
+    ReplyWatching,
 )
 from tanglebox.web.ui_settings import field_error, read_settings_form, settings_form_values
 
-RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
-RENDER_CPU_SHARE = 0.03  # of one core, for re-rendering every streaming reply of this process
-TAKEOVER_WAIT_SECONDS = 2.0  # a reconnecting page waits this long for the old reply to end
 IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
-
-BUSY = "A reply is still being written: wait for it, or press Stop."
 FIELD_LABELS = {"userPrompt": "Message", "temperature": "Temperature",
                 "maxNewTokens": "Max new tokens", "systemPrompt": "System prompt"}
-
-
-class RenderPacer:
-    """How often a streaming reply is rendered again, across every UI socket of the process.
-
-    Each update (the open tail's Markdown parsed and rendered again, a finished block rendered
-    once, then the send) takes CPU from the model on a CPU server. A reply is updated at most
-    every ``RENDER_INTERVAL_SECONDS``, and less often when its update is slow (a long open
-    block: a long list or code block) or many replies stream at once, so that updating all of
-    them stays near ``RENDER_CPU_SHARE`` of one core. On a CPU server every core is busy with
-    the model while replies stream, so this is taken from everyone's tokens: with 8 replies
-    of about 500 characters (0.5 ms a render) each updates every ~150 ms instead of every
-    80 (measured in docs/benchmarks.md, "Serving"). Greenlets share one thread, so the count
-    needs no lock.
-    """
-
-    def __init__(self) -> None:
-        self.streaming = 0
-
-    def interval_after(self, render_seconds: float) -> float:
-        return max(RENDER_INTERVAL_SECONDS,
-                   render_seconds * max(1, self.streaming) / RENDER_CPU_SHARE)
-
-
-RENDER_PACER = RenderPacer()
 
 
 class Unreadable(ValueError):
@@ -155,16 +156,23 @@ def register(sock: Sock) -> None:
         runtime = current_runtime()
         write_whole_frames(ws)
         with bounded_inbox(ws, runtime.settings["maxRequestBytes"]):
-            store = conversation_store(current_app)
-            surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
-            conversation = store.attach(
-                request.args.get("conversation"),
-                lambda conversation_id: new_conversation(conversation_id, surface,
-                                                         runtime.settings))
-            try:
-                ChatSocket(ws, runtime, conversation, f"ui:{request.remote_addr}").run()
-            finally:
-                store.detach(conversation)
+            chats = ui_chats(runtime)
+            conversation = chats.open(request.args.get("conversation"))
+            ChatSocket(ws, runtime, conversation, f"ui:{request.remote_addr}", chats).run()
+
+
+def ui_chats(runtime: Runtime) -> UiChats:
+    """This request's way to its browser's conversations."""
+    surface = WIDGET if request.args.get("surface") == WIDGET else PAGE
+    store = conversation_store(current_app)
+    named = request.args.get("page") or ""
+    page_id = named or request.args.get("conversation") or ""
+    if not CONVERSATION_ID.match(page_id):
+        page_id = new_conversation_id()
+    return UiChats(store, reply_runs(current_app, store), page_conversations(current_app),
+                   browser_id(surface), surface,
+                   embedding_site(request.args.get("site", "")) if surface == WIDGET else "",
+                   runtime.settings, page_id, page_named=bool(CONVERSATION_ID.match(named)))
 
 
 def parse_message(raw: Any) -> dict[str, Any]:
@@ -188,24 +196,27 @@ def request_error(err: RequestError) -> str:
     return f"{FIELD_LABELS.get(err.param, err.param)}: {field_error(err)}"
 
 
-class ChatSocket:
+class ChatSocket(ReplyWatching):
     """One UI socket: its conversation, and the loop that answers it."""
 
     # How a reply being written is sent (bench/ui_deltas.py measures another way beside it).
     reply_fragments: Callable[[Turn], ReplyFragments] = StreamedReply
 
-    def __init__(self, ws, runtime: Runtime, conversation: Conversation,
-                 client_id: str) -> None:
+    def __init__(self, ws, runtime: Runtime, conversation: Conversation, client_id: str,
+                 chats: UiChats | None = None) -> None:
         self.ws = ws
         self.runtime = runtime
         self.conversation = conversation
         self.client_id = client_id
+        self.chats = chats or ui_chats(runtime)  # (from the request: the socket's own)
 
     # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> None:
-        self._take_over()
         self.send(*self._sync())
+        run = self._run()
+        if run is not None and self.conversation.turns:
+            self._watch(run, self.conversation.turns[-1], on_fail=None)
         idle_timeout = self.runtime.settings["socketIdleTimeoutSeconds"]
         while True:
             raw = self.ws.receive(timeout=idle_timeout)
@@ -215,21 +226,27 @@ class ChatSocket:
             self.handle(raw)
 
     def handle(self, raw: Any) -> None:
-        try:
-            message = parse_message(raw)
-        except Unreadable as err:
-            self.send(error_fragment(str(err)))
+        message = self._parse(raw)
+        if message is None:
             return
         action = message.get("action") or "send"
         if action == "send":
             self.send_prompt(message.get("userPrompt"))
         elif action == "regenerate":
             self.regenerate()
+        elif action == "edit":
+            self.edit(message.get("userPrompt"))
+        elif action == "select":
+            self.select(message.get("message"))
         elif action == "new":
             self.new_chat()
         elif action == "settings":
             self.apply_settings(message)
-        elif action != "stop":  # a late Stop: the reply has already ended
+        elif action == "stop":  # from a page that did not watch it; or a late one: no reply
+            run = self._run()
+            if run is not None:
+                run.stop()
+        else:
             self.send(error_fragment(f"Unknown action {str(action)[:40]!r}."))
 
     def send(self, *fragments: str) -> None:
@@ -238,45 +255,87 @@ class ChatSocket:
     # -- actions -----------------------------------------------------------------------
 
     def send_prompt(self, user_prompt: Any) -> None:
-        draft = user_prompt if isinstance(user_prompt, str) else ""
-        try:
-            prompt = parse_user_prompt(user_prompt)
-        except RequestError as err:
-            self._refuse(request_error(err), draft)
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
             return
-        generation = self._submit(self.conversation.history(), prompt, draft)
-        if generation is None:
+        conversation = self.conversation
+        first = not conversation.stored
+        run = self._start(conversation.history(), prompt, conversation.leaf_id, prompt, draft)
+        if run is None:
             return
-        turn = self.conversation.add_turn(prompt)
-        self.conversation.reply = ReplyInProgress(generation)
-        self.send(new_turn_fragment(turn), self._composer(), error_fragment(""))
-        self._stream(turn, previous=None)
+        turn = conversation.add_turn(prompt)
+        # A conversation's first message: #messages whole, for its data-conversation-url.
+        self.send(messages_fragment(self.runtime, conversation) if first
+                  else new_turn_fragment(turn), self._composer(), error_fragment(""))
+
+        def failed(message: str) -> None:
+            self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
+                      self._composer(draft=turn.prompt))
+        self._watch(run, turn, failed)
 
     def regenerate(self) -> None:
-        if not self.conversation.turns:
+        turns = self.conversation.turns
+        if not turns or turns[-1].prompt_message_id is None:
             self._refuse("There is no reply to write again yet.")
             return
-        turn = self.conversation.turns[-1]
-        generation = self._submit(self.conversation.history(before=turn), turn.prompt)
-        if generation is None:
+        turn = turns[-1]
+        run = self._start(self.conversation.history(before=turn), turn.prompt,
+                          turn.prompt_message_id, None)
+        if run is None:
             return
         previous = (turn.reply, turn.note)
         turn.reply, turn.note = "", ""
-        self.conversation.reply = ReplyInProgress(generation)
         self.send(reply_fragment(turn, "", streaming=True), self._composer(),
                   error_fragment(""))
-        self._stream(turn, previous=previous)
 
-    def new_chat(self) -> None:
+        def failed(message: str) -> None:
+            turn.reply, turn.note = previous
+            self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
+                      error_fragment(message), self._composer())
+        self._watch(run, turn, failed)
+
+    def edit(self, user_prompt: Any) -> None:
+        """The last message, edited: a new message beside it (same parent), and its reply."""
+        turns = self.conversation.turns
+        prompt, draft = self._read_prompt(user_prompt)
+        if prompt is None:
+            return
+        if not turns or turns[-1].prompt_message_id is None:
+            self._refuse("There is no message to edit yet.", draft)
+            return
+        turn = turns[-1]
+        parent = turns[-2].reply_message_id if len(turns) > 1 else None
+        run = self._start(self.conversation.history(before=turn), prompt, parent, prompt, draft)
+        if run is None:
+            return
+        turn.prompt, turn.reply, turn.note = prompt, "", ""
+        self.send(turn_fragment(turn, streaming=True), self._composer(), error_fragment(""))
+        self._watch(run, turn, on_fail=None)
+
+    def select(self, message_id: Any) -> None:
+        """Show the branch through an alternative the page offered (its "‹ ›")."""
         if self.conversation.busy:
             self._refuse(BUSY)
             return
-        self.conversation.clear()
+        offered = {flip_id for turn in self.conversation.turns
+                   for flip in (turn.prompt_flip, turn.reply_flip) if flip
+                   for flip_id in (flip.previous, flip.next) if flip_id}
+        chosen = int(message_id) if str(message_id).isdigit() else None
+        if chosen not in offered:
+            self._refuse("That version is not part of this conversation.")
+            return
+        self.chats.store.select(self.conversation.id, chosen)
+        self.chats.reload(self.conversation)
+        self.send(messages_fragment(self.runtime, self.conversation), self._composer(),
+                  error_fragment(""))
+
+    def new_chat(self) -> None:
+        self.conversation = self.chats.forget()
         self.send(messages_fragment(self.runtime, self.conversation), self._composer(),
                   error_fragment(""))
 
     def apply_settings(self, message: dict[str, Any]) -> None:
-        """All values valid: applied to this conversation; else nothing changes."""
+        """All values valid: applied to this conversation (and stored); else nothing changes."""
         if self.conversation.surface == WIDGET:
             self.send(error_fragment("The widget's settings are set by the server."))
             return
@@ -287,6 +346,7 @@ class ChatSocket:
             return
         previous_model = self.conversation.settings.model
         self.conversation.settings = chosen
+        self.chats.save_settings(self.conversation)
         fragments = [settings_fragment(self.runtime, settings_form_values(chosen), {},
                                        "Applied to this conversation.")]
         if chosen.model != previous_model:  # where the page names the model
@@ -296,15 +356,31 @@ class ChatSocket:
                 fragments.append(messages_fragment(self.runtime, self.conversation))
         self.send(*fragments)
 
-    # -- streaming a reply -------------------------------------------------------------
+    # -- a reply ---------------------------------------------------------------------------
 
-    def _submit(self, history: list[Message], prompt: str,
-                draft: str = "") -> Generation | None:
-        """Queue a reply with this conversation's settings, or say why not (a reply already
-        being written, maintenance, loading, queue full) and return None."""
-        if self.conversation.busy:
+    def _start(self, history: list[Message], prompt: str, parent_id: int | None,
+               new_message: str | None, draft: str = "") -> ReplyRun | None:
+        """Queue a reply and hand it to its run (the conversation stored first when new), or
+        say why not (a reply already being written, maintenance, loading, queue full) and
+        return None."""
+        if self.chats.runs.busy(self.conversation.id) or self.conversation.busy:
             self._refuse(BUSY, draft)
             return None
+        generation = self._submit(history, prompt, draft)
+        if generation is None:
+            return None
+        if not self.conversation.stored:
+            self.chats.create(self.conversation)
+        try:
+            run = self.chats.runs.start(self.conversation.id, parent_id, new_message,
+                                        generation, self._metadata())
+        except Busy:
+            self._refuse(BUSY, draft)
+            return None
+        self.conversation.busy = True
+        return run
+
+    def _submit(self, history: list[Message], prompt: str, draft: str) -> Generation | None:
         chat = self.conversation.settings  # checked when they were applied
         try:
             return self.runtime.submit(ChatRequest(
@@ -317,106 +393,38 @@ class ChatSocket:
             self._refuse(f"The model {unknown.name} is not served here any more.", draft)
         return None
 
-    def _stream(self, turn: Turn, previous: tuple[str, str] | None) -> None:
-        """Relay the reply (fragments 2 and 3), watching the socket for Stop or New chat."""
-        reply = self.conversation.reply
-        fragments = self.reply_fragments(turn)
-        text, shown, outcome, command = "", "", None, ""
-        last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
-        counted = False  # in RENDER_PACER's count from the first token (not while queued)
-        try:
-            for event in reply.generation.relay(ticks=True):  # cancels it on a break or a raise
-                if isinstance(event, Delta):
-                    text += event.text
-                    if not counted:
-                        RENDER_PACER.streaming += 1
-                        counted = True
-                elif event is not None:
-                    outcome = event
-                    break
-                command = self._command_while_streaming()
-                if command or reply.interrupted:
-                    break
-                now = time.monotonic()
-                if text != shown and now - last_render >= interval:
-                    update = fragments.update(text)
-                    if update:
-                        self.send(update)
-                    interval = RENDER_PACER.interval_after(time.monotonic() - now)
-                    shown, last_render = text, now
-        finally:
-            if counted:
-                RENDER_PACER.streaming -= 1
-            if outcome is None:  # Stop, New chat, a closed socket, or a reconnect took over
-                turn.reply = text
-                turn.note = ENDED_EARLY[FinishReason.CANCELLED] if command else "Interrupted."
-            self.conversation.reply = None
-            reply.finished.set()
-        if reply.interrupted:
-            return  # the socket that took over shows the conversation as it now stands
-        if isinstance(outcome, Error) and not text:
-            self._fail_turn(turn, previous, outcome.message)
-            return
-        if isinstance(outcome, Error):  # it failed mid-reply: keep what was written
-            turn.reply, turn.note = text, outcome.message
-        if isinstance(outcome, Done):
-            turn.reply, turn.note = outcome.text, self._finish_note(outcome)
-        if command == "new":
-            self.new_chat()
-        else:
-            self.send(fragments.end(turn.reply, turn.note), self._composer())
-
-    def _command_while_streaming(self) -> str:
-        """"stop" or "new" when the reply must end now; answers other messages meanwhile."""
-        while True:
-            if self.ws.connected and not self.ws.input_buffer:
-                return ""  # checked in place: receive(timeout=0) costs a trip through the hub
-            raw = self.ws.receive(timeout=0)  # a closed socket raises here: the reply ends
-            if raw is None:
-                return ""
-            try:
-                message = parse_message(raw)
-            except Unreadable as err:
-                self.send(error_fragment(str(err)))
-                continue
-            action = message.get("action") or "send"
-            if action in ("stop", "new"):
-                return action
-            if action == "settings":
-                self.apply_settings(message)  # they apply from the next reply on
-            else:
-                self.send(error_fragment(BUSY))
-
-    def _finish_note(self, done: Done) -> str:
-        if done.finish_reason == FinishReason.LENGTH:
-            return (f"Stopped at the limit of {self.conversation.settings.max_new_tokens} "
-                    "new tokens.")
-        if done.finish_reason in ENDED_EARLY:
-            return ENDED_EARLY[done.finish_reason]
-        return "" if done.text.strip() else "The model gave an empty reply."
-
-    def _fail_turn(self, turn: Turn, previous: tuple[str, str] | None, message: str) -> None:
-        """An engine error before any text: a new turn disappears (its text back in the
-        composer); a regenerated reply goes back to what it was."""
-        if previous is None:
-            self.conversation.remove_turn(turn)
-            self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
-                      self._composer(draft=turn.prompt))
-        else:
-            turn.reply, turn.note = previous
-            self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
-                      error_fragment(message), self._composer())
+    def _metadata(self) -> dict[str, Any]:
+        """What is stored with the reply beside what its end brings (``reply_runs``)."""
+        chat = self.conversation.settings
+        return {"model": chat.model or self.runtime.default_model_id, "seed": None,
+                "sampling": {"temperature": chat.temperature,
+                             "maxNewTokens": chat.max_new_tokens,
+                             "systemPrompt": chat.system_prompt}}
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _take_over(self) -> None:
-        """A reconnecting page interrupts the reply its old socket may still be writing."""
-        reply = self.conversation.reply
-        if reply is not None:
-            reply.interrupted = True
-            reply.finished.wait(TAKEOVER_WAIT_SECONDS)
+    def _read_prompt(self, user_prompt: Any) -> tuple[str | None, str]:
+        """The person's message and the draft to give back; None (refused) when invalid."""
+        draft = user_prompt if isinstance(user_prompt, str) else ""
+        try:
+            return parse_user_prompt(user_prompt), draft
+        except RequestError as err:
+            self._refuse(request_error(err), draft)
+            return None, draft
+
+    def _parse(self, raw: Any) -> dict[str, Any] | None:
+        """The client's message; None (and the error shown) when it is unreadable."""
+        try:
+            return parse_message(raw)
+        except Unreadable as err:
+            self.send(error_fragment(str(err)))
+            return None
+
+    def _run(self) -> ReplyRun | None:
+        return self.chats.runs.get(self.conversation.id) if self.conversation.stored else None
 
     def _sync(self) -> list[str]:
+        self.chats.reload(self.conversation)
         fragments = [messages_fragment(self.runtime, self.conversation),
                      composer_fragment(self.runtime, self.conversation, keep_draft=True)]
         if self.conversation.surface == PAGE:

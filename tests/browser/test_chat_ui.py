@@ -228,8 +228,9 @@ def test_new_chat_clears_the_conversation(open_page, server):
     expect(page.locator(".turn")).to_have_count(0)
     expect(page.get_by_role("heading", name="What can I help with?")).to_be_visible()
     send(page, "echo fresh start")
-    # Turn ids never repeat in a page, so a late fragment can never land in the new chat.
-    expect(finished_reply(page, turn=2).locator(".message__content")).to_have_text("fresh start")
+    # A new conversation numbers its turns from 1: the socket stopped watching the old one's
+    # reply before it showed the new chat, so no late fragment of it lands here.
+    expect(finished_reply(page, turn=1).locator(".message__content")).to_have_text("fresh start")
     expect(page.locator(".turn")).to_have_count(1)
 
 
@@ -295,7 +296,7 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
         new MutationObserver(() => {
             const code = document.querySelector("#turn-1-reply-open code");
             if (code) window.openCode.push(code.textContent);
-        }).observe(document.getElementById("messages"),
+        }).observe(document.getElementById("chat-scroll"),  // #messages itself is replaced
                    {childList: true, subtree: true, characterData: true});
     }""")
     send(page, "echo " + LONG_REPLY)
@@ -325,7 +326,9 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
 
     # The page now holds exactly what a reconnect gets from history, rendered at once.
     socket_url = page.locator("[ws-connect]").get_attribute("ws-connect")
-    again = websocket.create_connection(server.ws_url + socket_url, timeout=30)
+    cookies = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies())
+    again = websocket.create_connection(server.ws_url + socket_url, timeout=30,
+                                        cookie=cookies)  # the same browser's conversation
     try:
         sync = again.recv()
     finally:

@@ -343,7 +343,9 @@ def start_endless_over_ui(server: LiveServer):
 @pytest.mark.parametrize("start", [start_endless_over_socket, start_endless_over_rest,
                                    start_endless_over_ui], ids=["original", "rest", "ui"])
 def test_a_client_that_leaves_frees_its_slot_for_the_next_request(fake_server, start):
-    server = fake_server.start(fake={"max_sequences": 1, **ENDLESS_FAKE}, **ENDLESS_SETTINGS)
+    # finishRepliesWithoutWatchers false: a chat UI reply leaves with its last socket too.
+    server = fake_server.start(fake={"max_sequences": 1, **ENDLESS_FAKE},
+                               finishRepliesWithoutWatchers=False, **ENDLESS_SETTINGS)
     leave = start(server)
     wait_until(lambda: server.health()["busy"] == 1, what="generation started")
     leave()

@@ -125,8 +125,9 @@ def peak_rss_kb(server) -> int:
 ], ids=["original-ping", "ui-settings"])
 def test_a_flood_while_a_reply_streams_is_closed_with_1008_and_memory_returns(
         fake_server, path, prompt, message, reads_during_flood):
+    # finishRepliesWithoutWatchers false: the chat UI's closed socket cancels its reply too.
     server = fake_server.start(fake=ENDLESS_FAKE, maxRequestBytes=MAX_REQUEST_BYTES,
-                               **ENDLESS_SETTINGS)
+                               finishRepliesWithoutWatchers=False, **ENDLESS_SETTINGS)
     client = DeflateClient(server, path)
     baseline = rss_kb(server)
     client.send(prompt)  # a reply that outlasts the test: the server answers nothing else

@@ -155,14 +155,20 @@ def assert_inert(message: str) -> None:
 
 # -- talking to the socket -------------------------------------------------------------------
 
+BROWSER = "b" * 43  # the browser's cookie (browser_identity): its conversations are its own
+OTHER_BROWSER = "o" * 43
+
+
 class ChatClient:
-    """A UI socket as htmx uses it: form values as JSON (with HEADERS), fragments back."""
+    """A UI socket as htmx uses it: form values as JSON (with HEADERS), fragments back; a
+    browser's cookie with it."""
 
     def __init__(self, server: LiveServer, conversation: str | None = None,
-                 surface: str = "page", **options) -> None:
+                 surface: str = "page", browser: str = BROWSER, **options) -> None:
         query = f"surface={surface}" + (f"&conversation={conversation}" if conversation else "")
-        self.ws = websocket.create_connection(f"{server.ws_url}/ws/chat?{query}",
-                                              timeout=RECEIVE_DEADLINE, **options)
+        self.ws = websocket.create_connection(
+            f"{server.ws_url}/ws/chat?{query}", timeout=RECEIVE_DEADLINE,
+            cookie=f"tanglebox_browser={browser}; tanglebox_widget={browser}", **options)
         self.sync = self.ws.recv()
 
     def send(self, **values) -> None:
@@ -204,6 +210,21 @@ def chat(server):
     client.close()
 
 
+def stored_id(first: str) -> str:
+    """The stored conversation's id, from the first message's data-conversation-url."""
+    url = parse(first)[0].attrs["data-conversation-url"]
+    assert url.startswith("/c/"), url
+    return url.removeprefix("/c/")
+
+
+def flip_count(message: str, what: str) -> str:
+    """The "2/3" of the message's alternatives ("reply" or "message")."""
+    for node in (n for top in parse(message) for n in top.walk()):
+        if node.tag == "form" and node.attrs.get("aria-label", "").endswith(f"this {what}"):
+            return node.find(".flipper__count").text()
+    raise AssertionError(f"no {what} flipper in {message[:300]!r}")
+
+
 def close_frame(ws: websocket.WebSocket) -> tuple[int, str]:
     while True:
         opcode, frame = ws.recv_data_frame(control_frame=True)
@@ -234,7 +255,9 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
     full = " ".join(str(i) for i in range(1, 41))
 
     first, *updates, last = messages
-    assert targets(first) == ["beforeend:#messages", "#composer", "#chat-error"]
+    # The conversation's first message: #messages whole, now naming the page's /c/<id>.
+    assert targets(first) == ["#messages", "#composer", "#chat-error"]
+    assert parse(first)[0].attrs["data-conversation-url"].startswith("/c/")
     section = parse(first)[0].find("#turn-1")
     assert section.find("#turn-1-prompt").find(".message__content").text() == "count 40"
     reply = section.find("#turn-1-reply")
@@ -264,6 +287,7 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
 def test_turns_are_numbered_and_the_conversation_is_kept(chat):
     chat.ask("echo first")
     messages = chat.ask("echo second")
+    assert targets(messages[0]) == ["beforeend:#messages", "#composer", "#chat-error"]
     assert shown_text(messages, turn=2) == "second"
 
 
@@ -282,7 +306,7 @@ def test_markdown_is_rendered_on_the_server(chat):
 def test_stop_ends_the_reply_at_once_and_keeps_what_was_written(chat, server):
     chat.send(userPrompt="count 2000")
     first = chat.receive()
-    assert targets(first)[0] == "beforeend:#messages"
+    assert targets(first)[0] == "#messages"
     streaming = chat.receive()
     assert targets(streaming) == ["#turn-1-reply-open"]  # it is streaming
     chat.send(action="stop")
@@ -305,9 +329,11 @@ def test_regenerate_writes_the_last_reply_again(chat):
     messages = chat.receive_until_composer_enabled()
     assert targets(messages[0]) == ["#turn-1-reply", "#composer", "#chat-error"]
     assert reply_text(messages[0]) == "" and composer_is_busy(messages[0])
+    # The turn whole at the end: the old reply is kept as an alternative ("‹ 2/2 ›").
     assert targets(messages[-1]) == ["beforebegin:#turn-1-reply-open",
-                                     "delete #turn-1-reply-open", "#composer"]
+                                     "delete #turn-1-reply-open", "#turn-1", "#composer"]
     assert shown_text(messages) == "again"
+    assert flip_count(messages[-1], "reply") == "2/2"
 
 
 def test_regenerate_with_nothing_to_regenerate_is_refused(chat):
@@ -328,14 +354,22 @@ def test_new_chat_clears_the_conversation(server):
         assert element(again.sync, "messages").find(".turn") is None
 
 
-def test_new_chat_while_streaming_stops_the_reply_and_clears(chat, server):
-    chat.send(userPrompt="count 2000")
-    chat.receive()
+def test_new_chat_while_streaming_clears_and_the_reply_goes_on_in_its_conversation(chat,
+                                                                                   server):
+    chat.send(userPrompt="count 300")
+    first = chat.receive()
     chat.send(action="new")
     messages = chat.receive_until_composer_enabled()
     assert targets(messages[-1]) == ["#messages", "#composer", "#chat-error"]
     assert element(messages[-1], "messages").find(".turn") is None
-    wait_until_idle(server)
+    assert element(messages[-1], "messages").attrs["data-conversation-url"] == "/"
+    old = ChatClient(server, conversation=stored_id(first))
+    with closing(old):
+        if composer_is_busy(old.sync):  # still being written: watch it to its end
+            old.receive_until_composer_enabled()
+            old = ChatClient(server, conversation=stored_id(first))
+        assert element(old.sync, "turn-1-reply").find(".message__content").text() == " ".join(
+            str(i) for i in range(1, 301))
 
 
 def test_a_second_message_while_streaming_is_refused_and_the_reply_goes_on(chat):
@@ -431,7 +465,7 @@ def test_an_engine_error_removes_the_turn_and_gives_the_text_back(fake_server):
         prompt = "a question far too long for this tiny context " * 3
         chat.send(userPrompt=prompt)
         first = chat.receive()
-        assert targets(first)[0] == "beforeend:#messages"
+        assert targets(first)[0] == "#messages"
         failed = chat.receive()
         assert targets(failed) == ["delete #turn-1", "#chat-error", "#composer"]
         assert "context" in element(failed, "chat-error").text()
@@ -474,16 +508,21 @@ def test_the_own_origin_is_accepted(server):
         assert targets(chat.sync)[0] == "#messages"
 
 
-def test_a_closed_socket_cancels_its_reply(fake_server):
+def test_a_closed_socket_cancels_its_reply_when_unwatched_replies_are_not_finished(
+        fake_server):
     # A reply that would outlast the wait by far: only the cancel frees its slot in time.
     fake_server.start(fake={"step_delay": 0.01, "context_length": HUGE}, maxNewTokens=HUGE,
-                      maxNewTokensLimit=HUGE)
+                      maxNewTokensLimit=HUGE, finishRepliesWithoutWatchers=False)
     chat = ChatClient(fake_server)
     chat.send(userPrompt=ENDLESS)
-    chat.receive()
+    first = chat.receive()
     chat.receive()
     chat.close()
     wait_until_idle(fake_server)
+    with closing(ChatClient(fake_server, conversation=stored_id(first))) as again:
+        reply = element(again.sync, "turn-1-reply")
+        assert reply.find(".message__note").text() == "Interrupted"
+        assert re.fullmatch(r"[\d ]+", reply.find(".message__content").text())
 
 
 def test_a_reconnect_carries_the_conversation_on(server):
@@ -492,20 +531,6 @@ def test_a_reconnect_carries_the_conversation_on(server):
     with closing(ChatClient(server, conversation="reconnect-test-0001")) as again:
         assert element(again.sync, "turn-1-reply").find(".message__content").text() == "kept"
         assert shown_text(again.ask("echo next"), turn=2) == "next"
-
-
-def test_a_reconnect_interrupts_the_reply_the_old_socket_was_writing(server):
-    old = ChatClient(server, conversation="takeover-test-0001")
-    old.send(userPrompt="count 2000")
-    old.receive()
-    old.receive()
-    with closing(ChatClient(server, conversation="takeover-test-0001")) as new:
-        assert not composer_is_busy(new.sync)
-        reply = element(new.sync, "turn-1-reply")
-        assert reply.find(".message__note").text() == "Interrupted."
-        assert re.fullmatch(r"[\d ]+", reply.find(".message__content").text())
-        assert shown_text(new.ask("echo mine now"), turn=2) == "mine now"
-    old.close()
 
 
 def test_an_idle_socket_is_closed(fake_server):

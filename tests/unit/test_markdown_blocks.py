@@ -88,9 +88,10 @@ def markdown_lines(draw) -> str:
 
 
 @st.composite
-def streamed(draw) -> tuple[str, list[int]]:
-    """A text and where it is cut into pieces of 1 to 12 characters, as tokens come."""
-    text = draw(markdown_lines())
+def streamed(draw, texts: st.SearchStrategy[str] | None = None) -> tuple[str, list[int]]:
+    """A text (generated Markdown by default) and where it is cut into pieces of 1 to 12
+    characters, as tokens come."""
+    text = draw(texts if texts is not None else markdown_lines())
     sizes = draw(st.lists(st.integers(1, 12), max_size=len(text)))
     cuts, at = [], 0
     for size in sizes:

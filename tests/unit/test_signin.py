@@ -108,3 +108,17 @@ def test_a_sign_in_from_another_origin_is_refused(client, token):
                            headers={"Origin": "https://evil.example"})
     assert response.status_code == 403
     assert "Set-Cookie" not in response.headers
+
+
+@pytest.mark.parametrize("next_path, lands", [
+    ("/widget", "/widget"),
+    ("/c/abcdefghijklmnop_-12", "/c/abcdefghijklmnop_-12"),  # a stored conversation's link
+    ("https://evil.example/", "/"),
+    ("//evil.example/c/abcdefghijklmnop", "/"),
+    ("/c/abcdefghijklmnop\n", "/"),
+    ("/c/short", "/"),
+    ("/c/abcdefghijklmnop/../../x", "/"),
+])
+def test_signing_in_returns_only_to_a_page_of_this_server(client, token, next_path, lands):
+    response = sign_in(client, token, next_path)
+    assert response.status_code == 303 and response.headers["Location"] == lands

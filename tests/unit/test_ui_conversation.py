@@ -1,5 +1,6 @@
-"""The UI's conversations: the store that keeps them between sockets, and what a conversation's
-settings send to the model (a UI socket driven in-process with a scripted client)."""
+"""The UI's conversations: the bridge from the store (page ids, turns), and what a conversation's
+settings send to the model (a UI socket driven in-process with a scripted client, on the app's
+own SQLite database)."""
 
 from __future__ import annotations
 
@@ -8,87 +9,30 @@ import json
 import pytest
 from simple_websocket import ConnectionClosed
 
+from tanglebox.conversation_store import conversation_store
 from tanglebox.web.ui_conversation import (
     PAGE,
     WIDGET,
     ChatSettings,
     Conversation,
-    ConversationStore,
-    conversation_store,
+    PageConversations,
+    UiChats,
     new_conversation,
+    page_conversations,
+    reply_runs,
 )
 from tanglebox.web.ui_socket import RENDER_PACER, ChatSocket
 from tests.fake_backend import SPECIALS
+from tests.live_server import wait_until
 from tests.reply_page import ReplyPage
 
 SPECIAL_NAMES = {token: name for name, token in SPECIALS.items()}
 
 
-# -- the store -------------------------------------------------------------------------------
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+# -- the branch as turns ---------------------------------------------------------------------
 
 def make(conversation_id: str) -> Conversation:
     return Conversation(conversation_id, PAGE, ChatSettings(0.7, 64, ""))
-
-
-def test_a_known_id_gets_its_conversation_back():
-    store = ConversationStore()
-    first = store.attach("a" * 22, make)
-    first.add_turn("hello")
-    store.detach(first)
-    assert store.attach("a" * 22, make) is first
-
-
-@pytest.mark.parametrize("conversation_id", [None, "", "short", "bad id with spaces!!!!",
-                                             "x" * 65])
-def test_a_missing_or_malformed_id_gets_a_fresh_conversation(conversation_id):
-    store = ConversationStore()
-    conversation = store.attach(conversation_id, make)
-    assert conversation.id != conversation_id and len(conversation.id) >= 16
-
-
-def test_a_detached_conversation_expires_after_the_ttl():
-    clock = Clock()
-    store = ConversationStore(ttl=60, clock=clock)
-    conversation = store.attach("b" * 22, make)
-    store.detach(conversation)
-    clock.now += 59
-    assert store.attach("b" * 22, make) is conversation  # attached again: it does not expire
-    clock.now += 600
-    assert len(store) == 1
-    store.detach(conversation)
-    clock.now += 61
-    assert store.attach("b" * 22, make) is not conversation
-
-
-def test_only_so_many_detached_conversations_are_kept_the_oldest_go_first():
-    store = ConversationStore(max_detached=2)
-    conversations = [store.attach(f"{i}" * 20, make) for i in range(3)]
-    for conversation in conversations:
-        store.detach(conversation)
-    assert len(store) == 2
-    assert store.attach("0" * 20, make) is not conversations[0]
-    assert store.attach("2" * 20, make) is conversations[2]
-
-
-def test_an_attached_conversation_is_never_dropped():
-    store = ConversationStore(max_detached=0, ttl=0)
-    attached = store.attach("c" * 20, make)
-    for i in range(5):
-        store.detach(store.attach(f"{i}" * 20, make))
-    assert store.attach("c" * 20, make) is attached
-
-
-def test_each_app_has_its_own_store(app):
-    assert conversation_store(app) is conversation_store(app)
-    assert isinstance(conversation_store(app), ConversationStore)
 
 
 def test_history_alternates_user_and_assistant_up_to_a_turn():
@@ -97,6 +41,53 @@ def test_history_alternates_user_and_assistant_up_to_a_turn():
     first.reply, second.reply = "1", "2"
     assert [m.content for m in conversation.history()] == ["one", "1", "two", "2"]
     assert [m.content for m in conversation.history(before=second)] == ["one", "1"]
+
+
+def test_a_page_id_means_the_conversation_its_first_message_stored_until_new_chat():
+    pages = PageConversations(limit=2)
+    assert pages.resolve("me", "page-a") == "page-a"  # nothing stored: the id as given
+    pages.remember("me", "page-a", "stored-1")
+    assert pages.resolve("me", "page-a") == "stored-1"
+    assert pages.resolve("someone else", "page-a") == "page-a"  # per browser
+    pages.remember("me", "page-a", None)  # New chat
+    assert pages.resolve("me", "page-a") is None
+    pages.remember("me", "page-b", "stored-2")
+    pages.remember("me", "page-c", "stored-3")
+    assert pages.resolve("me", "page-a") == "page-a"  # the oldest was forgotten
+
+
+def chats_for(app, page_id: str, owner: str = "me", page_named: bool = False) -> UiChats:
+    store = conversation_store(app)
+    runtime = app.extensions["tanglebox"]
+    return UiChats(store, reply_runs(app, store), page_conversations(app), owner, PAGE, "",
+                   runtime.settings, page_id, page_named)
+
+
+def test_a_socket_opens_its_browsers_stored_conversation_or_where_its_page_moved(app):
+    store = conversation_store(app)
+    stored = store.create("me", PAGE, "", {})
+    store.add_message(stored.id, None, "user", "hello")
+    new_page = "r" * 22  # a page opened at /: a random id, nothing stored under it
+    assert not chats_for(app, new_page).open(new_page).stored
+    page_conversations(app).remember("me", new_page, stored.id)  # its first message
+    opened = chats_for(app, new_page).open(new_page)
+    assert opened.stored and opened.id == stored.id and opened.turns[0].prompt == "hello"
+    assert opened.url == f"/c/{stored.id}"
+    # Another browser never gets it: not by its id, not through a page id.
+    assert not chats_for(app, stored.id, owner="not me").open(stored.id).stored
+    assert not chats_for(app, new_page, owner="not me").open(new_page).stored
+
+
+def test_a_page_at_c_id_shows_that_conversation_unless_the_page_itself_moved_on(app):
+    store = conversation_store(app)
+    stored = store.create("me", PAGE, "", {})
+    store.add_message(stored.id, None, "user", "hello")
+    page_conversations(app).remember("me", stored.id, None)  # New chat on an older page
+    opened = chats_for(app, stored.id).open(stored.id)  # opened again: shown
+    assert opened.stored and opened.turns[0].prompt == "hello"
+    page = "p" * 22
+    page_conversations(app).remember("me", page, None)  # this page load pressed New chat
+    assert not chats_for(app, page, page_named=True).open(stored.id).stored
 
 
 # -- what reaches the model ------------------------------------------------------------------
@@ -133,7 +124,9 @@ def talk(app, surface: str, *messages: dict) -> ScriptedClient:
     with app.test_request_context("/ws/chat"):
         with pytest.raises(ConnectionClosed):
             ChatSocket(client, runtime, conversation, "test").run()
-        # What a page reconnecting to this conversation now gets.
+        # What a page reconnecting to this conversation now gets (once its reply has ended).
+        runs = app.extensions.get("tanglebox.reply_runs")
+        wait_until(lambda: not runs or not len(runs), what="the reply's end")
         client.reconnect_sync = ChatSocket(ScriptedClient(), runtime, conversation, "test")._sync()
     return client
 
@@ -178,7 +171,7 @@ def test_the_settings_panel_sets_this_conversations_system_prompt(app, fake_back
 def test_a_turn_sends_fragments_in_the_documented_order(app):
     client = talk(app, PAGE, {"userPrompt": "echo ok"})
     sync, first, *updates, last = client.sent
-    assert 'id="messages" ' in sync and 'hx-swap-oob="beforeend:#messages"' in first
+    assert 'id="messages" ' in sync and 'id="messages" ' in first  # a conversation's first
     assert all('id="turn-1-reply-open"' in update for update in updates)
     assert '<div id="turn-1-reply-open" hx-swap-oob="delete">' in last
     assert 'id="composer"' in last

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.ui_deltas import TOKEN, WholeReply, markdown_reply, stream_once
-from tanglebox.web import ui_socket
+from bench.ui_deltas import TOKEN, SteppedRun, WholeReply, markdown_reply, stream_once
+from tanglebox.reply_runs import ReplyRuns
+from tanglebox.web import ui_reply_watch
 from tanglebox.web.ui_fragments import StreamedReply
 from tests.reply_page import ReplyPage, element_end, top_level
 from tests.unit.test_markdown_blocks import LINE_STARTS, WORDS
@@ -28,10 +29,12 @@ def settings_values() -> dict:
 
 
 @pytest.fixture
-def every_token(monkeypatch):
-    """Update at every token: no pacing, so every step of the stream is sent and checked."""
-    monkeypatch.setattr(ui_socket, "RENDER_INTERVAL_SECONDS", 0.0)
-    monkeypatch.setattr(ui_socket, "RENDER_CPU_SHARE", float("inf"))
+def every_token(app, monkeypatch):
+    """Update at every token: no pacing, and the reply run read by its watcher one event at a
+    time (bench.ui_deltas.SteppedRun), so every step of the stream is sent and checked."""
+    monkeypatch.setattr(ui_reply_watch, "RENDER_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(ui_reply_watch, "RENDER_CPU_SHARE", float("inf"))
+    monkeypatch.setattr(ReplyRuns, "run_class", SteppedRun)
 
 
 def from_history(client) -> str:

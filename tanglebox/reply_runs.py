@@ -1,0 +1,277 @@
+"""Replies owned by the server: a reply goes on being written when the page that asked for it
+goes away, and any page of its conversation can watch it, or stop it.
+
+One reply's life (a :class:`ReplyRun`)::
+
+    socket: ReplyRuns.start(conversation, parent, prompt, generation, metadata)
+        -> ReplyRun, reading the Generation in its own greenlet (a thread without gevent)
+    each Delta: ``text`` grows, ``version`` + 1, the watchers are woken; the first event stores
+        the person's message (when there is one) and the reply (state "writing"); after that
+        the text is saved at most every SAVE_INTERVAL_SECONDS
+    the final event: the reply saved with its state, note and metadata (model, sampling, seed,
+        token counts, timings, finish reason); ``ended`` set; the run leaves ReplyRuns
+    watchers (sockets): ``with run.watching(): run.wait_for(version, timeout)``; each renders
+        from the whole ``text``, so a page that comes back mid-reply has no gap and no repeat
+    stop(): from any socket; the engine ends the reply with Done(cancelled): "stopped"
+
+Nothing is stored before the first event: a request the engine refuses before writing anything
+(a prompt too long) leaves no message behind, and its page gives the person their text back.
+With ``finishRepliesWithoutWatchers`` false, the last watcher leaving stops the reply
+("interrupted"). A server that drains on shutdown ends replies with Done(shutdown): saved
+"interrupted" with their text; a hard kill leaves "writing", which the store marks
+interrupted at the next start (``ConversationStore.interrupt_unfinished``).
+
+The store's calls are short and run in the run's greenlet (DESIGN.md: one worker process), so
+``ReplyRuns`` needs no lock: none of its methods yields between reading and writing its map.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+from tanglebox.generation import (
+    ENDED_EARLY,
+    Delta,
+    Done,
+    Error,
+    ErrorCode,
+    FinishReason,
+    Generation,
+)
+from tanglebox.handoff import gevent_active
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL_SECONDS = 1.0  # a crash loses at most about this much of a reply's text
+READ_POLL_SECONDS = 0.1  # how often a reader with no event looks whether it was stopped
+STOP_GRACE_SECONDS = 10.0  # a stopped reply the engine never ends is ended by the run
+INTERRUPTED = "Interrupted"  # the note of a reply cut off by a restart (as the store writes it)
+
+WRITING, DONE, STOPPED, INTERRUPTED_STATE, FAILED = (
+    "writing", "done", "stopped", "interrupted", "failed")
+
+
+class Saved(Protocol):
+    id: int
+
+
+class ReplySaver(Protocol):
+    """Where a run stores its messages (``ConversationStore`` is one)."""
+
+    def add_message(self, conversation_id: str, parent_id: int | None, role: str,
+                    content: str, state: str = "done", **metadata: Any) -> Saved: ...
+
+    def update_reply(self, message_id: int, content: str, state: str, note: str = "",
+                     **metadata: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplyEnd:
+    """How a reply ended: its stored state and note; ``error`` when it failed before any text
+    was written (nothing was stored then)."""
+
+    state: str
+    note: str
+    error: str = ""
+
+
+class Busy(Exception):
+    """A reply is already being written for this conversation."""
+
+
+@dataclass(eq=False)
+class ReplyRun:
+    """One reply being written for one conversation (see the module's docstring)."""
+
+    conversation_id: str
+    parent_id: int | None  # the message the new one follows
+    prompt: str | None  # the person's new message; None: regenerate (``parent_id`` is theirs)
+    generation: Generation
+    saver: ReplySaver
+    metadata: dict[str, Any]  # stored with the reply: model, template, sampling, seed
+    finish_without_watchers: bool = True
+    text: str = ""
+    version: int = 0  # + 1 at every change a watcher may render
+    ended: ReplyEnd | None = None
+    prompt_message_id: int | None = None  # stored at the first event
+    message_id: int | None = None
+    watchers: int = 0
+    _stop_reason: str = ""  # STOPPED or INTERRUPTED_STATE once asked to stop
+    _stopped_at: float = 0.0
+    _saved_at: float = 0.0
+    _on_end: list = field(default_factory=list)
+    # Looked up at creation, not import: under gevent, threading is patched to be greenlets'.
+    _changed: threading.Condition = field(default_factory=lambda: threading.Condition())
+
+    # -- watchers --------------------------------------------------------------------------
+
+    @contextmanager
+    def watching(self) -> Iterator["ReplyRun"]:
+        """Counts a watcher while inside; the last one leaving stops the reply when replies
+        are not finished without watchers."""
+        self.watchers += 1
+        try:
+            yield self
+        finally:
+            self.watchers -= 1
+            if self.watchers == 0 and not self.finish_without_watchers:
+                self.stop(INTERRUPTED_STATE)
+
+    def wait_for(self, version: int, timeout: float) -> bool:
+        """Wait until the run is past ``version`` or has ended; False after ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self.version > version or self.ended is not None, timeout)
+
+    def stop(self, reason: str = STOPPED) -> None:
+        """End the reply now (Stop, from any socket); what was written is kept."""
+        if self.ended is None and not self._stop_reason:
+            self._stop_reason, self._stopped_at = reason, time.monotonic()
+            self.generation.cancel()
+
+    # -- the reader ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if gevent_active():
+            import gevent
+            gevent.spawn(self._read)
+        else:
+            threading.Thread(target=self._read, name="reply-run", daemon=True).start()
+
+    def _read(self) -> None:
+        outcome: Done | Error | None = None
+        try:
+            while outcome is None:
+                event = self.generation.next_event(READ_POLL_SECONDS)
+                if event is None and self._stop_reason and (
+                        time.monotonic() - self._stopped_at > STOP_GRACE_SECONDS):
+                    break
+                outcome = self._take(event)
+        except Exception:  # noqa: BLE001 - a failed save must still end the run for its pages
+            log.exception("a reply run failed")
+            outcome = Error(ErrorCode.INTERNAL, "The reply could not be saved.")
+        self._finish(outcome)
+
+    def _take(self, event: Delta | Done | Error | None) -> Done | Error | None:
+        """One event read: the text grows (saved now and then, watchers woken), or the
+        final event, returned."""
+        if isinstance(event, Delta):
+            self._store_once()
+            self.text += event.text
+            self._save_now_and_then()
+            self._wake()
+            return None
+        return event
+
+    def _store_once(self) -> None:
+        if self.message_id is not None:
+            return
+        parent = self.parent_id
+        if self.prompt is not None:
+            parent = self.prompt_message_id = self.saver.add_message(
+                self.conversation_id, self.parent_id, "user", self.prompt).id
+        self.message_id = self.saver.add_message(
+            self.conversation_id, parent, "assistant", self.text, state=WRITING,
+            **self.metadata).id
+        self._saved_at = time.monotonic()
+
+    def _save_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self._saved_at >= SAVE_INTERVAL_SECONDS:
+            self.saver.update_reply(self.message_id, self.text, WRITING)
+            self._saved_at = now
+
+    def _finish(self, outcome: Done | Error | None) -> None:
+        end = self._ending(outcome)
+        try:
+            if end.error:
+                pass  # nothing was written: nothing is stored
+            else:
+                self._store_once()
+                if isinstance(outcome, Done):
+                    self.text = outcome.text or self.text
+                self.saver.update_reply(self.message_id, self.text, end.state, end.note,
+                                        **self._done_metadata(outcome))
+        except Exception:  # noqa: BLE001 - the pages still hear how it ended
+            log.exception("saving the end of a reply failed")
+        finally:
+            for callback in self._on_end:  # first: a page told of the end may start the next
+                callback(self)
+            with self._changed:
+                self.ended = end
+                self.version += 1
+                self._changed.notify_all()
+
+    def _ending(self, outcome: Done | Error | None) -> ReplyEnd:
+        if isinstance(outcome, Error):
+            return (ReplyEnd(FAILED, outcome.message) if self.text or self.message_id
+                    else ReplyEnd(FAILED, outcome.message, error=outcome.message))
+        reason = outcome.finish_reason if outcome is not None else FinishReason.CANCELLED
+        if reason == FinishReason.SHUTDOWN or self._stop_reason == INTERRUPTED_STATE:
+            return ReplyEnd(INTERRUPTED_STATE, INTERRUPTED)
+        if reason == FinishReason.CANCELLED:
+            return ReplyEnd(STOPPED, ENDED_EARLY[reason])
+        if reason == FinishReason.LENGTH:
+            return ReplyEnd(DONE, f"Stopped at the limit of "
+                                  f"{self.generation.request.max_new_tokens} new tokens.")
+        if reason in ENDED_EARLY:
+            return ReplyEnd(STOPPED, ENDED_EARLY[reason])
+        text = outcome.text if outcome is not None else self.text
+        return ReplyEnd(DONE, "" if text.strip() else "The model gave an empty reply.")
+
+    @staticmethod
+    def _done_metadata(outcome: Done | Error | None) -> dict[str, Any]:
+        if not isinstance(outcome, Done):
+            return {}
+        return {"prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "cached_tokens": outcome.cached_tokens, "timings": dict(outcome.timings),
+                "finish_reason": str(outcome.finish_reason)}
+
+    def _wake(self) -> None:
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+
+class ReplyRuns:
+    """The replies being written, by conversation id: at most one per conversation."""
+
+    run_class: type[ReplyRun] = ReplyRun  # (bench/ui_deltas.py steps a run by hand)
+
+    def __init__(self, saver: ReplySaver, finish_without_watchers: bool = True) -> None:
+        self.saver = saver
+        self.finish_without_watchers = finish_without_watchers
+        self._runs: dict[str, ReplyRun] = {}
+
+    def get(self, conversation_id: str) -> ReplyRun | None:
+        return self._runs.get(conversation_id)
+
+    def busy(self, conversation_id: str) -> bool:
+        return conversation_id in self._runs
+
+    def start(self, conversation_id: str, parent_id: int | None, prompt: str | None,
+              generation: Generation, metadata: dict[str, Any]) -> ReplyRun:
+        """Start reading ``generation`` for this conversation; Busy when one is running (the
+        caller checks ``busy`` before submitting, so this only guards a race)."""
+        if conversation_id in self._runs:
+            generation.cancel()
+            raise Busy(conversation_id)
+        run = self.run_class(conversation_id, parent_id, prompt, generation, self.saver, metadata,
+                       self.finish_without_watchers)
+        run._on_end.append(self._forget)
+        self._runs[conversation_id] = run
+        run.start()
+        return run
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def _forget(self, run: ReplyRun) -> None:
+        if self._runs.get(run.conversation_id) is run:
+            del self._runs[run.conversation_id]
