@@ -55,6 +55,7 @@ from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_pro
 from tanglebox.reply_text import ReplyText
 from tanglebox.sampling import Sampler
 from tanglebox.settings import Settings
+from tanglebox.slots import Slot, prepare_slot
 from tanglebox.waiting_queue import ClientQueueFull, EngineStopped, QueueFull, WaitingQueue
 
 # What a caller of the engine needs, importable from here.
@@ -62,11 +63,6 @@ __all__ = ["ClientQueueFull", "Delta", "Done", "Engine", "EngineStopped", "Error
            "Generation", "QueueFull"]
 
 log = logging.getLogger(__name__)
-
-# Cached prompt tokens worth less than keeping the busy slots consecutive: reading 32 prompt
-# tokens again costs about 0.2 s on 2 CPU cores once, a second run of slots about 8 % of every
-# step of every reply while it lasts (python -m bench.batch_order).
-SLOT_PREFIX_SLACK = 32
 
 # More prompt bytes per context token than any tokenizer packs into a token of text (the
 # longest tokens of common vocabularies are runs of spaces or dashes of a few dozen bytes), so a
@@ -78,17 +74,9 @@ PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the p
 
 
 @dataclass
-class _Slot:
-    index: int
-    tokens: list[int] = field(default_factory=list)  # what its KV cache holds
-    last_used: float = 0.0
-    busy: bool = False
-
-
-@dataclass
 class _Sequence:
     generation: Generation
-    slot: _Slot
+    slot: Slot
     prompt_tokens: int
     cached_tokens: int
     to_prefill: list[int]
@@ -118,7 +106,7 @@ class Engine:
         self.request_timeout = request_timeout
         self.log_prompts = log_prompts
         self._seeds = itertools.count(seed) if seed >= 0 else iter(())  # else: random
-        self._slots = [_Slot(i) for i in range(backend.max_sequences)]
+        self._slots = [Slot(i) for i in range(backend.max_sequences)]
         self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout,
                                    queue_per_client)
         self._active: list[_Sequence] = []
@@ -240,7 +228,7 @@ class Engine:
             if running:
                 return
 
-    def _start_sequence(self, generation: Generation, free: list[_Slot]) -> None:
+    def _start_sequence(self, generation: Generation, free: list[Slot]) -> None:
         request = generation.request
         try:
             prompt = self.render(request)
@@ -277,43 +265,20 @@ class Engine:
             log.exception("preparing the sampler failed")
             self._fail(generation, PREPARING_FAILED)
             return
-        slot, cached = self._choose_slot(free, tokens)
         try:
-            if self._restore_prefix is not None:  # a KV cache saved on disk (llama.cpp)
-                held = self._restore_prefix(slot.index, tokens, cached)
-                if held is not None:
-                    slot.tokens, cached = held, _common_prefix(held, tokens)
-            keep = min(cached, len(tokens) - 1)
-            self.backend.forget(slot.index, keep)
+            slot, keep = prepare_slot(self._slots, free, tokens, self.backend,
+                                      self._restore_prefix)
         except Exception:  # noqa: BLE001
-            log.exception("clearing slot %d failed", slot.index)
-            slot.tokens.clear()  # what it holds is unknown now: the next user clears it all
+            log.exception("preparing a slot failed")
             sampler.close()
             self._fail(generation, PREPARING_FAILED)
             return
-        del slot.tokens[keep:]
         slot.busy = True
         self.cached_prompt_tokens += keep
         self._active.append(_Sequence(
             generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
             to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
             sampler=sampler, admitted_at=time.monotonic()))
-
-    def _choose_slot(self, free: list[_Slot], tokens: list[int]) -> tuple[_Slot, int]:
-        """The free slot for ``tokens`` and how many of them its cache already holds.
-
-        First the slot whose cache shares the longest prefix with ``tokens`` (for a
-        conversation's next turn, its own slot). Slots within ``SLOT_PREFIX_SLACK`` tokens of
-        that are as good: among them, one that keeps the busy slots in one run of consecutive
-        indices (llama.cpp decodes each run of consecutive sequence ids in a pass of its own),
-        then the longer prefix, then the least recently used."""
-        prefixes = {slot.index: _common_prefix(slot.tokens, tokens) for slot in free}
-        longest = max(prefixes.values())
-        busy = {slot.index for slot in self._slots if slot.busy}
-        slot = max((slot for slot in free if prefixes[slot.index] >= longest - SLOT_PREFIX_SLACK),
-                   key=lambda s: ((s.index - 1 in busy) + (s.index + 1 in busy),
-                                  prefixes[s.index], -s.last_used))
-        return slot, prefixes[slot.index]
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -491,10 +456,3 @@ def engine_from_settings(settings: Settings, backend: Backend) -> Engine:
     engine.start()
     return engine
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
