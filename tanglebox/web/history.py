@@ -34,6 +34,7 @@ from tanglebox.conversation_export import (export_html, export_json, export_mark
                                            import_json)
 from tanglebox.conversation_store import (ConversationStore, ConversationSummary,
                                           StoredConversation, conversation_store)
+from tanglebox.runtime import current_runtime
 from tanglebox.web.browser_identity import PAGE, browser_id
 from tanglebox.web.signin import signed_in, ui_requires_token
 from tanglebox.web.ui_conversation import CONVERSATION_ID
@@ -173,7 +174,9 @@ def import_conversation():
     if not isinstance(document, dict):
         abort(400, description="file: must hold a JSON object (a Tanglebox export).")
     try:
-        conversation = import_json(store(), browser_id(PAGE), PAGE, "", document)
+        conversation = import_json(
+            store(), browser_id(PAGE), PAGE, "", document,
+            max_new_tokens_limit=current_runtime().settings["maxNewTokensLimit"])
     except ValueError as error:
         abort(400, description=f"file: {error}")
     return redirect(f"/c/{conversation.id}", code=303)

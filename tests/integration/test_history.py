@@ -221,6 +221,20 @@ def test_import_of_an_export_makes_a_new_conversation_and_opens_it(app, alice, b
         json.loads(exported)["messages"][-2:]
 
 
+@pytest.mark.parametrize("settings_values", [{"maxNewTokensLimit": 300, "maxNewTokens": 256}])
+def test_an_import_keeps_to_this_servers_max_new_tokens_limit(app, alice):
+    document = {"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}],
+                "tanglebox": {"version": 1, "settings": {"maxNewTokens": 4000}}}
+    response = alice.post("/import", data={"file": (_file(json.dumps(document).encode()),
+                                                    "big.json")},
+                          content_type="multipart/form-data")
+    assert response.status_code == 303
+    conversation_id = response.headers["Location"][len("/c/"):]
+    stored_settings = conversation_store(app).get(conversation_id, alice.owner).settings
+    assert stored_settings["maxNewTokens"] == 300
+
+
 @pytest.mark.parametrize("content, problem", [
     (b"{not json", "file: not valid JSON"),
     (b"[1, 2]", "file: must hold a JSON object"),
