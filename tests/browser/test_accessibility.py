@@ -111,3 +111,72 @@ def test_the_widget_has_no_serious_accessibility_violation(open_page, server, vi
     send(page, QUESTION)
     expect(finished_reply(page).locator("table")).to_be_visible()
     assert_accessible(page)
+
+
+# -- the keyboard alone ----------------------------------------------------------------------
+
+def tab_to(page, target, backwards: bool = False, most: int = 40) -> None:
+    """Press Tab (Shift+Tab) until ``target`` has the focus, and see that the focus shows."""
+    key = "Shift+Tab" if backwards else "Tab"
+    for _ in range(most):
+        if target.evaluate("element => element === document.activeElement"):
+            break
+        page.keyboard.press(key)
+    expect(target).to_be_focused()
+    assert_focus_visible(target)
+
+
+def assert_focus_visible(target) -> None:
+    """The focused element, or its box (the composer draws the prompt's ring), looks different
+    with the focus than without it."""
+    assert target.evaluate("""element => {
+        const look = () => [element, element.parentElement].map(e => {
+            const style = getComputedStyle(e);
+            return [style.outlineStyle, style.outlineWidth, style.boxShadow].join(" ");
+        }).join(" | ");
+        const focused = look();
+        element.blur();
+        const blurred = look();
+        element.focus();
+        return focused !== blurred;
+    }"""), "the focus does not show"
+
+
+def test_the_keyboard_alone_sends_stops_opens_the_settings_and_switches_conversation(
+        fake_server, open_page):  # the page closes first: no socket holds up the stop
+    # A reply of about 15,000 tokens at 10 ms each: still being written when Stop is pressed.
+    server = fake_server.start(fake={"step_delay": 0.01}, maxNewTokens=4000,
+                               maxNewTokensLimit=4000)
+    page = open_page(server.url)
+    oven = imported(page, server, "The oven", OTHER)
+    page.goto(server.url + "/")
+    connected(page)
+    prompt = page.locator("#prompt")
+
+    tab_to(page, prompt)
+    page.keyboard.type("count 3000")
+    page.keyboard.press("Enter")
+    streaming = page.locator("#turn-1-reply .message__content > [aria-busy=true]")
+    expect(streaming).to_contain_text("3")
+    stop = page.get_by_role("button", name="Stop")
+    expect(stop).to_be_focused()  # the prompt is disabled now: the focus went to Stop
+    assert_focus_visible(stop)
+    page.keyboard.press("Enter")
+    expect(finished_reply(page).locator(".message__note")).to_have_text("Stopped.")
+    expect(prompt).to_be_focused()
+    assert "3000" not in page.locator("#turn-1-reply").inner_text()
+
+    settings = page.locator("details.settings > summary")
+    tab_to(page, settings, backwards=True)
+    page.keyboard.press("Enter")
+    temperature = page.get_by_label("Temperature")
+    tab_to(page, temperature)
+    page.keyboard.press("Escape")
+    expect(temperature).to_be_hidden()
+    expect(settings).to_be_focused()
+
+    link = page.locator("#history-list .history__link", has_text="The oven")
+    tab_to(page, link, backwards=True)
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(re.escape(oven) + "$"))
+    expect(page.locator("#messages")).to_contain_text("Preheat to 250 °C")
