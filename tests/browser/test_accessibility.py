@@ -1,8 +1,9 @@
 """Accessibility, measured: axe-core (bundled in the ``axe-playwright-python`` package, so
 nothing is fetched) on the chat page and the widget in real headless Chromium, with a
 conversation that holds code, a table and math, the history sidebar and the settings panel
-open, light and dark, desktop and phone: no serious or critical violation. And the keyboard-only
-path: compose and send, stop, open the settings, switch conversation, each with a visible focus.
+open, light and dark, desktop and phone, and while a reply is being written: no serious or
+critical violation. And the keyboard-only path: compose and send, stop, open the settings,
+switch conversation (in the sidebar, and in the drawer on a phone), each with a visible focus.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def test_the_keyboard_alone_sends_stops_opens_the_settings_and_switches_conversa
     stop = page.get_by_role("button", name="Stop")
     expect(stop).to_be_focused()  # the prompt is disabled now: the focus went to Stop
     assert_focus_visible(stop)
+    assert_accessible(page)  # while a reply is being written
     page.keyboard.press("Enter")
     expect(finished_reply(page).locator(".message__note")).to_have_text("Stopped.")
     expect(prompt).to_be_focused()
@@ -177,6 +179,21 @@ def test_the_keyboard_alone_sends_stops_opens_the_settings_and_switches_conversa
 
     link = page.locator("#history-list .history__link", has_text="The oven")
     tab_to(page, link, backwards=True)
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(re.escape(oven) + "$"))
+    expect(page.locator("#messages")).to_contain_text("Preheat to 250 °C")
+
+
+def test_on_a_phone_the_keyboard_opens_the_history_drawer_and_switches_conversation(
+        open_page, server):
+    page = open_page(server.url, viewport=PHONE)
+    oven = imported(page, server, "The oven", OTHER)
+    page.goto(server.url + "/")
+    connected(page)
+    tab_to(page, page.get_by_role("button", name="Conversations"))
+    page.keyboard.press("Enter")
+    expect(page.locator("#history-search")).to_be_focused()
+    tab_to(page, page.locator("#history-list .history__link", has_text="The oven"))
     page.keyboard.press("Enter")
     expect(page).to_have_url(re.compile(re.escape(oven) + "$"))
     expect(page.locator("#messages")).to_contain_text("Preheat to 250 °C")
