@@ -96,8 +96,22 @@
     } else if (focusedId && document.activeElement === document.body) {
       var again = document.getElementById(focusedId);
       if (again && !again.disabled) again.focus();
+      // The composer turned busy under the caret: Stop is the control that the keyboard
+      // needs now (else the focus falls back to the top of the page).
+      else if (again === prompt) focusStop();
     }
     if (followReply) scroller.scrollTop = scroller.scrollHeight;
+  });
+  function focusStop() {
+    var stop = document.querySelector("#composer .round-button--stop");
+    if (stop) stop.focus();
+  }
+  // An Enter held down (auto-repeat) sent the message; it must not stop the reply once the
+  // focus has moved to Stop.
+  app.addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && event.repeat && event.target.closest(".round-button--stop")) {
+      event.preventDefault();
+    }
   });
   scroller.addEventListener("scroll", function () {
     followReply = isNearBottom();

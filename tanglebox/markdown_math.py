@@ -20,6 +20,9 @@ attributes (attribute values from a narrow alphabet), every text escaped. A form
 ``MAX_FORMULA_CHARS``, nested deeper than ``MAX_BRACE_DEPTH``, or that does not convert is
 shown as its source in ``<code class="math-source">``. Conversions are cached: a streaming
 reply renders its open paragraph again at every update.
+
+A display formula scrolls sideways in its own box when it is wider than the column: the box is
+focusable (``scroll_box``) so that the keyboard scrolls it too.
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ def _write(element: Element, out: list[str]) -> None:
             _write(child, out)
         out.append(f"</{name}>")
     out.append(_text(element.tail))
+
+
+def scroll_box(label: str) -> str:
+    """The attributes of a box that may scroll sideways (code, a wide table, a display
+    formula): focusable, so that the keyboard can scroll it too (WCAG 2.1.1, axe-core's
+    scrollable-region-focusable), and a named group, so that focusing it says what it is."""
+    return f'tabindex="0" role="group" aria-label="{escapeHtml(label)}"'
+
+
+def _display(tag: str, kind: str, latex: str) -> str:
+    return (f'<{tag} class="math {kind}" {scroll_box("Formula")}>'
+            f"{latex_to_mathml(latex.strip(), True)}</{tag}>")
 
 
 @lru_cache(maxsize=512)  # a 2,000-character formula makes about 28 KB of MathML
@@ -179,13 +194,17 @@ def add_math(md: MarkdownIt) -> None:
                       allow_blank_lines=False, double_inline=True,
                       renderer=lambda latex, options: latex_to_mathml(
                           latex, bool(options["display_mode"])))
-    amsmath_plugin(md, renderer=lambda latex: latex_to_mathml(latex, True))
+    amsmath_plugin(md)
     md.block.ruler.at("amsmath", _amsmath_without_blank_lines,
                       {"alt": ["paragraph", "reference", "blockquote", "list", "footnote_def"]})
-    # ``$$…$$`` inside a paragraph: the plugin's <div> would end the <p> in a browser.
+    # Display formulas in their own (focusable) scroll boxes; ``$$…$$`` inside a paragraph in a
+    # <span>: the plugin's <div> would end the <p> in a browser.
+    md.add_render_rule("math_block", lambda self, tokens, idx, options, env: (
+        _display("div", "block", tokens[idx].content) + "\n"))
+    md.add_render_rule("amsmath", lambda self, tokens, idx, options, env: (
+        _display("div", "amsmath", tokens[idx].content) + "\n"))
     md.add_render_rule("math_inline_double", lambda self, tokens, idx, options, env: (
-        f'<span class="math display">{latex_to_mathml(tokens[idx].content.strip(), True)}'
-        "</span>"))
+        _display("span", "display", tokens[idx].content)))
     md.inline.ruler.before("escape", "math_inline_bracket", _bracket_inline)
     md.block.ruler.before("fence", "math_block_bracket", _bracket_block,
                           {"alt": ["paragraph", "reference", "blockquote", "list"]})

@@ -40,7 +40,7 @@ from markdown_it.utils import EnvType, OptionsDict
 from markupsafe import Markup
 
 from tanglebox.code_highlight import guess_language, highlight_code
-from tanglebox.markdown_math import add_math
+from tanglebox.markdown_math import add_math, scroll_box
 
 SAFE_LINK = re.compile(r"^(?:https?|mailto):", re.IGNORECASE)
 # A language name as people write it after ``` (python, c++, c#, objective-c, vb.net).
@@ -80,7 +80,7 @@ def _render_code(content: str, language: str, finished: bool) -> str:
     code = highlighted.html if highlighted else escapeHtml(content)
     return (f'<div class="code-block"><div class="code-block__bar">'
             f'<span class="code-block__language">{label}</span>{COPY_BUTTON}</div>'
-            f"<pre><code{code_class}>{code}{CODE_END}")
+            f'<pre {scroll_box("Code")}><code{code_class}>{code}{CODE_END}')
 
 
 class SafeRenderer(RendererHTML):
@@ -112,12 +112,14 @@ class SafeRenderer(RendererHTML):
 
     def table_open(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
                    env: EnvType) -> str:
-        # A wide table scrolls inside its own box, never the page.
-        return '<div class="table-scroll">' + self.renderToken(tokens, idx, options, env)
+        # A wide table scrolls inside its own box, never the page; the box's focusable
+        # content (the inner <div>) lets the keyboard scroll it.
+        return (f'<div class="table-scroll"><div class="table-scroll__focus" '
+                f'{scroll_box("Table")}>' + self.renderToken(tokens, idx, options, env))
 
     def table_close(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
                     env: EnvType) -> str:
-        return self.renderToken(tokens, idx, options, env) + "</div>\n"
+        return self.renderToken(tokens, idx, options, env) + "</div></div>\n"
 
 
 def _alignment_as_class(state: StateCore) -> None:

@@ -58,6 +58,33 @@ with open("sales.csv", newline="") as f:
 | `quotechar` | Wraps fields that contain the separator |
 
 See the [csv documentation](https://docs.python.org/3/library/csv.html) for more."""
+# README's screenshots: code, math and a table, with two older conversations in the sidebar.
+SHOWCASE = "What is the area of a circle, and how do I compute it in Python?"
+SHOWCASE_REPLY = r"""## The area of a circle
+
+A circle of radius $r$ has the area \(A = \pi r^2\) and the circumference $C = 2\pi r$, so
+
+$$
+A = \frac{C^2}{4\pi}
+$$
+
+```python
+import math
+
+def area(radius: float) -> float:
+    return math.pi * radius ** 2
+```
+
+| Radius | Area | Circumference |
+|---|---:|---:|
+| 1 | 3.14 | 6.28 |
+| 2 | 12.57 | 12.57 |
+
+At a radius of 2 the two are equal."""
+OLDER_CONVERSATIONS = {
+    "How long should sourdough proof?": "About **4 to 6 hours** at room temperature.",
+    "How do I read a CSV file in Python?": "Use the standard library's `csv` module.",
+}
 # About 1,400 characters of Markdown: 14 s at the fake backend's 10 ms a character here.
 LONG_REPLY = """## Streaming, block by block
 
@@ -130,7 +157,8 @@ def embedding_sites(tmp_path_factory):
 def server(tmp_path_factory, embedding_sites):
     folder, allowed, _ = embedding_sites
     server = LiveServer(tmp_path_factory.mktemp("browser"))
-    server.start(fake={"step_delay": 0.01, "replies": {QUESTION: ANSWER}},
+    server.start(fake={"step_delay": 0.01,
+                       "replies": {QUESTION: ANSWER, SHOWCASE: SHOWCASE_REPLY}},
                  maxNewTokens=3000, maxNewTokensLimit=4000,
                  widgetAllowedOrigins=[allowed.origin], widgetTitle="Ask the docs")
     (folder / "embed.html").write_text(
@@ -349,10 +377,19 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
 ])
 def test_screenshots_of_a_conversation(open_page, server, color_scheme, viewport, name, scale,
                                        tmp_path):
-    page = connected(open_page(server.url, viewport=viewport, color_scheme=color_scheme,
-                               device_scale_factor=scale))
-    send(page, QUESTION)
+    from tests.browser.test_history_ui import imported  # that module imports this one
+
+    page = open_page(server.url, viewport=viewport, color_scheme=color_scheme,
+                     device_scale_factor=scale)
+    for question, answer in OLDER_CONVERSATIONS.items():
+        imported(page, server, question, [{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}])
+    page.goto(server.url)
+    connected(page)
+    send(page, SHOWCASE)
     expect(finished_reply(page).locator("table")).to_be_visible()
+    expect(page.locator("#turn-1-reply math").first).to_be_visible()
+    expect(page.locator("#history-list .history__link")).to_have_count(3)  # this one listed
     if viewport is PHONE:
         page.evaluate("document.getElementById('chat-scroll').scrollTop = 0")  # the question
     folder = Path(os.environ.get("TANGLEBOX_SCREENSHOTS_DIR") or tmp_path)

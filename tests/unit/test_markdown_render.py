@@ -21,7 +21,9 @@ ALLOWED_TAGS = {
     "tr", "th", "td",
 }
 ALLOWED_ATTRIBUTES = {"href", "rel", "target", "class", "type", "aria-label", "data-copy-code",
-                      "start", "title"}
+                      "start", "title", "tabindex", "role"}
+# The only values those two take: a scroll box that the keyboard can reach (markdown_math).
+FIXED_VALUES = {"tabindex": "0", "role": "group"}
 
 
 class Elements(HTMLParser):
@@ -49,6 +51,7 @@ def assert_inert(html: str) -> None:
         for name, value in attrs.items():
             assert name in ALLOWED_ATTRIBUTES, f"unexpected attribute {name} in {html!r}"
             assert not name.startswith(("on", "hx-", "data-hx", "style", "src"))
+            assert value == FIXED_VALUES.get(name, value), f"{name}={value!r} in {html!r}"
         if tag == "a":
             assert re.match(r"^(https?|mailto):", attrs["href"] or "", re.IGNORECASE), html
             assert attrs.get("rel") == "noopener noreferrer"
