@@ -120,6 +120,20 @@
       }, 1500);
     });
   });
+  // -- Copy under a reply: its stored Markdown source, read from the URL the button names -
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("[data-copy-markdown]");
+    if (!button) return;
+    fetch(button.getAttribute("data-copy-markdown"), { credentials: "same-origin" })
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.text();
+      })
+      .then(copyText).then(function () {
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    }, function () { button.textContent = "Copy failed"; });
+  });
   function copyText(text) {
     if (navigator.clipboard && window.isSecureContext) {
       return navigator.clipboard.writeText(text);

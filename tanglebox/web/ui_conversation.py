@@ -30,6 +30,7 @@ from flask import Flask
 from tanglebox.prompting import ASSISTANT, USER, Message
 from tanglebox.reply_runs import ReplyRun, ReplyRuns
 from tanglebox.settings import Settings
+from tanglebox.web.reply_info import ReplyInfo, reply_info
 
 PAGE, WIDGET = "page", "widget"
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -59,6 +60,7 @@ class Turn:
     reply_message_id: int | None = None
     prompt_flip: Flip | None = None
     reply_flip: Flip | None = None
+    info: ReplyInfo | None = None  # the stored reply's speed, source and prompt
 
 
 @dataclass
@@ -163,11 +165,13 @@ def load_turns(store: Branch, conversation_id: str, run: ReplyRun | None) -> lis
             turn.reply, turn.note, turn.reply_message_id = (message.content, message.note,
                                                             message.id)
             turn.reply_flip = _flip(store, message.id)
+            turn.info = reply_info(message)
     if run is not None:
         if run.prompt is not None:
             turns.append(Turn(len(turns) + 1, run.prompt))
         if turns:
             turns[-1].reply, turns[-1].note, turns[-1].reply_flip = run.text, "", None
+            turns[-1].info = None
     return turns
 
 

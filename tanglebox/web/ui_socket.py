@@ -58,10 +58,12 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  3   the last finished blocks as in 2, div#turn-N-reply-open
                      hx-swap-oob="delete", the note (ended early, at the limit, empty) in a
                      div[hx-swap-oob="beforeend:#turn-N-reply .message__body"]: the article is
-                     now exactly what a reconnect renders from history; section#turn-N
+                     now exactly what a reconnect renders from history; div#turn-N-meta
+                     (Copy, the speed, "Show prompt": ``reply_info``), or section#turn-N
                      whole when the turn has alternatives (its "‹ 2/2 ›"); #composer
-                     (enabled, Regenerate on)
-    regenerate   1   article#turn-N-reply (holding only its open end), #composer (disabled),
+                     (enabled, Regenerate on, the context meter)
+    regenerate   1   article#turn-N-reply (holding only its open end), div#turn-N-meta
+                     (empty), #composer (disabled),
                      #chat-error (empty); then 2 and 3 as for send
     edit         1   section#turn-N (the edited message, the reply's open end), #composer
                      (disabled), #chat-error (empty); then 2 and 3
@@ -126,6 +128,7 @@ from tanglebox.web.ui_fragments import (
     model_chip_fragment,
     new_turn_fragment,
     reply_fragment,
+    reply_meta_fragment,
     settings_fragment,
     turn_fragment,
 )
@@ -283,15 +286,15 @@ class ChatSocket(ReplyWatching):
                           turn.prompt_message_id, None)
         if run is None:
             return
-        previous = (turn.reply, turn.note)
-        turn.reply, turn.note = "", ""
-        self.send(reply_fragment(turn, "", streaming=True), self._composer(),
-                  error_fragment(""))
+        previous = (turn.reply, turn.note, turn.info)
+        turn.reply, turn.note, turn.info = "", "", None
+        self.send(reply_fragment(turn, "", streaming=True), reply_meta_fragment(turn),
+                  self._composer(), error_fragment(""))
 
         def failed(message: str) -> None:
-            turn.reply, turn.note = previous
+            turn.reply, turn.note, turn.info = previous
             self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
-                      error_fragment(message), self._composer())
+                      reply_meta_fragment(turn), error_fragment(message), self._composer())
         self._watch(run, turn, failed)
 
     def edit(self, user_prompt: Any) -> None:
@@ -396,7 +399,11 @@ class ChatSocket(ReplyWatching):
     def _metadata(self) -> dict[str, Any]:
         """What is stored with the reply beside what its end brings (``reply_runs``)."""
         chat = self.conversation.settings
-        return {"model": chat.model or self.runtime.default_model_id, "seed": None,
+        model = chat.model or self.runtime.default_model_id
+        engine = self.runtime.engine
+        template = ("upstream" if model in self.runtime.remotes
+                    else engine.template_name if engine is not None else None)
+        return {"model": model, "seed": None, "template": template,
                 "sampling": {"temperature": chat.temperature,
                              "maxNewTokens": chat.max_new_tokens,
                              "systemPrompt": chat.system_prompt}}
