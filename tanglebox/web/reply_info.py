@@ -102,3 +102,21 @@ def context_meter(last_reply: ReplyInfo | None, context: int | None) -> ContextM
     if last_reply is None or last_reply.prompt_tokens is None:
         return None
     return ContextMeter(last_reply.prompt_tokens + (last_reply.completion_tokens or 0), context)
+
+
+BYTES_PER_TOKEN_GUESS = 3  # a new message's tokens before the engine counts them (few texts pack more)
+
+
+def fewest_to_drop(sent: list[ReplyInfo | None], context: int | None, prompt: str) -> int:
+    """How many of the oldest turns sent to the model to leave out so that the next prompt
+    likely fits in WARN_SHARE of ``context``, from the stored counts of ``sent`` (the turns
+    still sent, oldest first): turn j's prompt and completion tokens hold turns 1..j. A guess,
+    at least 1: the socket retries with one more when the engine still refuses it."""
+    if not sent or not context:
+        return 1
+    totals = [(i.prompt_tokens or 0) + (i.completion_tokens or 0) if i else 0 for i in sent]
+    needed = totals[-1] + len(prompt.encode("utf-8")) // BYTES_PER_TOKEN_GUESS
+    for drop in range(1, len(sent) + 1):
+        if needed - max(totals[:drop]) <= WARN_SHARE * context:
+            return drop
+    return len(sent)

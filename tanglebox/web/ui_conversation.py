@@ -71,6 +71,9 @@ class ChatSettings:
     max_new_tokens: int
     system_prompt: str  # empty: the server's default
     model: str = ""  # a served model's id; empty: the default model
+    # The last message not sent to the model any more (the person chose to continue with the
+    # oldest turns dropped when the conversation outgrew the context); None: all are sent.
+    context_after: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,14 +110,24 @@ class Conversation:
             return None
         return self.turns[-1].reply_message_id or self.turns[-1].prompt_message_id
 
-    def history(self, before: Turn | None = None) -> list[Message]:
-        """The turns (up to ``before``, excluded) as alternating user/assistant messages."""
+    def history(self, before: Turn | None = None, drop: int = 0) -> list[Message]:
+        """The turns sent to the model (up to ``before``, excluded) as alternating
+        user/assistant messages: without those before the dropped mark, and ``drop`` more."""
         messages = []
-        for turn in self.turns:
+        for turn in self.turns[self.first_sent + drop:]:
             if turn is before:
                 break
             messages += [Message(USER, turn.prompt), Message(ASSISTANT, turn.reply)]
         return messages
+
+    @property
+    def first_sent(self) -> int:
+        """The index of the first turn sent to the model (after ``context_after``)."""
+        mark = self.settings.context_after
+        for index, turn in enumerate(self.turns):
+            if mark is not None and turn.reply_message_id == mark:
+                return index + 1
+        return 0
 
     def add_turn(self, prompt: str) -> Turn:
         turn = Turn(len(self.turns) + 1, prompt)

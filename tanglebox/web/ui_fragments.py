@@ -61,6 +61,7 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
         "errors": {},
         "status": "",
         "meter": conversation_meter(runtime, conversation),
+        "first_sent": conversation.first_sent,  # the "not sent" divider before that turn
     }
 
 
@@ -100,6 +101,12 @@ def composer_fragment(runtime: Runtime, conversation: Conversation, draft: str =
 def error_fragment(message: str) -> str:
     """``#chat-error`` (outerHTML): the message, or hidden and empty for ``""``."""
     return render_template("_error.html", oob=True, error=message)
+
+
+def too_long_fragment(message: str, draft: str) -> str:
+    """``#chat-error`` (outerHTML) for a message that did not fit the context: why, and the
+    choice (a new chat with it, or this chat without its oldest turns)."""
+    return render_template("_too_long.html", oob=True, error=message, draft=draft)
 
 
 def settings_fragment(runtime: Runtime, form: dict[str, str], errors: dict[str, str],

@@ -12,7 +12,8 @@ import pytest
 from simple_websocket import ConnectionClosed
 
 from tanglebox.conversation_store import conversation_store
-from tanglebox.web.reply_info import ContextMeter, reply_info
+from tanglebox.web.reply_info import ContextMeter, fewest_to_drop, reply_info
+from tanglebox.web import ui_sending
 from tanglebox.web.ui_conversation import PAGE, new_conversation
 from tanglebox.web.ui_socket import ChatSocket
 from tests.fake_backend import FakeBackend
@@ -143,3 +144,77 @@ class TestASmallContext:
 def test_a_remote_models_meter_shows_the_tokens_alone():
     assert ContextMeter(120, None).percent is None and not ContextMeter(120, None).warn
     assert ContextMeter(90, 100).warn and not ContextMeter(80, 100).warn
+
+
+class TestAConversationThatOutgrowsItsContext:
+    @pytest.fixture
+    def fake_backend(self) -> FakeBackend:
+        return FakeBackend(context_length=96)
+
+    def test_a_message_too_long_offers_a_new_chat_or_dropping_the_oldest_turns(self, app):
+        long = "echo " + "z" * 40
+        client, conversation_id = talk_as_browser(
+            app, {"userPrompt": "echo " + "a" * 30}, {"userPrompt": long})
+        choice = client.sent[-1]
+        assert "Start a new chat with it" in choice
+        assert "Continue without the oldest messages" in choice
+        assert f'name="userPrompt" value="{long}"' in choice  # the message, kept for either
+
+    def test_continuing_sends_it_without_the_oldest_turns_and_marks_them(self, app,
+                                                                          fake_backend):
+        client, conversation_id = talk_as_browser(
+            app, {"userPrompt": "echo " + "a" * 20}, {"userPrompt": "echo " + "b" * 20},
+            {"action": "send-dropping", "userPrompt": "echo " + "c" * 30})
+        store = conversation_store(app)
+        branch = store.branch(conversation_id)
+        assert branch[-2].content == "echo " + "c" * 30  # sent, and answered
+        assert branch[-1].content.startswith("ccc")
+        last_prompt = branch[-1].prompt_text
+        assert "a" * 20 not in last_prompt  # the oldest turn was not sent
+        assert last_prompt.count("<|user|>") < 3
+        page = get(app, f"/c/{conversation_id}").get_data(as_text=True)
+        assert "Earlier messages are not sent to the model" in page
+        # the divider sits before the first turn still sent, after the dropped one
+        assert page.index("a" * 20) < page.index("Earlier messages are not sent") < \
+            page.index("echo " + "c" * 30)
+
+    def test_start_a_new_chat_puts_the_message_in_an_empty_conversation(self, app):
+        client, _ = talk_as_browser(app, {"userPrompt": "echo " + "a" * 30},
+                                    {"action": "new", "userPrompt": "echo my long text"})
+        assert "echo my long text</textarea>" in client.sent[-1]
+        assert "turn-1" not in client.sent[-1]
+
+
+class TestALongerContext:
+    @pytest.fixture
+    def fake_backend(self) -> FakeBackend:
+        return FakeBackend(context_length=160)
+
+    def test_a_guess_too_small_is_retried_with_one_more_turn_left_out(self, app,
+                                                                     monkeypatch):
+        monkeypatch.setattr(ui_sending, "fewest_to_drop", lambda sent, context, prompt: 1)
+        client, conversation_id = talk_as_browser(
+            app, {"userPrompt": "echo " + "a" * 15}, {"userPrompt": "echo " + "b" * 15},
+            {"userPrompt": "echo " + "d" * 15},
+            {"action": "send-dropping", "userPrompt": "echo " + "c" * 80})
+        branch = conversation_store(app).branch(conversation_id)
+        assert branch[-2].content == "echo " + "c" * 80
+        sent = branch[-1].prompt_text
+        assert "a" * 15 not in sent and "b" * 15 not in sent  # two left out: one guess + retry
+        page = get(app, f"/c/{conversation_id}").get_data(as_text=True)
+        assert page.index("b" * 15) < page.index("Earlier messages are not sent") < \
+            page.index("d" * 15)
+
+
+def test_fewest_to_drop_reads_the_stored_counts():
+    def info(prompt: int, completion: int):
+        class Stored:
+            id, conversation_id, content, seed, prompt_text = 1, "x" * 22, "", None, None
+            template, model, sampling, timings, cached_tokens = "", "", {}, {}, 0
+        Stored.prompt_tokens, Stored.completion_tokens = prompt, completion
+        return reply_info(Stored())
+    sent = [info(20, 20), info(50, 20), info(80, 20)]  # 100 tokens so far
+    assert fewest_to_drop(sent, 100, "") == 1  # 100 - 40 = 60 <= 85
+    assert fewest_to_drop(sent, 60, "") == 2  # 100 - 70 = 30 <= 51
+    assert fewest_to_drop(sent, 60, "x" * 300) == 3  # the new message counts too
+    assert fewest_to_drop(sent, None, "") == 1  # unknown context: one, then retried
