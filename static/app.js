@@ -134,6 +134,22 @@
       setTimeout(function () { button.textContent = "Copy"; }, 1500);
     }, function () { button.textContent = "Copy failed"; });
   });
+  // -- "Show prompt" under a reply: its inside is fetched when first opened (server HTML,
+  //    the prompt escaped there); without JS the link inside opens it ---------------------
+  document.addEventListener("toggle", function (event) {
+    var details = event.target;
+    if (!details.matches || !details.matches("details[data-prompt-url]") || !details.open) return;
+    var url = details.getAttribute("data-prompt-url");
+    details.removeAttribute("data-prompt-url");
+    fetch(url, { credentials: "same-origin" }).then(function (response) {
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      return response.text();
+    }).then(function (html) {
+      details.querySelector(".reply-prompt__body").innerHTML = html;
+    }, function () {
+      details.setAttribute("data-prompt-url", url);
+    });
+  }, true);
   function copyText(text) {
     if (navigator.clipboard && window.isSecureContext) {
       return navigator.clipboard.writeText(text);

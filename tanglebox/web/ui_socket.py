@@ -67,8 +67,8 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                      (Copy, the speed, "Show prompt": ``reply_info``), or section#turn-N
                      whole when the turn has alternatives (its "‹ 2/2 ›"); #composer
                      (enabled, Regenerate on, the context meter)
-    regenerate   1   article#turn-N-reply (holding only its open end), div#turn-N-meta
-                     (empty), #composer (disabled),
+    regenerate   1   article#turn-N-reply (holding only its open end; app.css hides the
+                     old reply's div#turn-N-meta meanwhile), #composer (disabled),
                      #chat-error (empty); then 2 and 3 as for send
     edit         1   section#turn-N (the edited message, the reply's open end), #composer
                      (disabled), #chat-error (empty); then 2 and 3
@@ -134,7 +134,6 @@ from tanglebox.web.ui_fragments import (
     messages_fragment,
     model_chip_fragment,
     reply_fragment,
-    reply_meta_fragment,
     settings_fragment,
     turn_fragment,
 )
@@ -276,13 +275,13 @@ class ChatSocket(ReplyWatching, Sending):
             return
         previous = (turn.reply, turn.note, turn.info)
         turn.reply, turn.note, turn.info = "", "", None
-        self.send(reply_fragment(turn, "", streaming=True), reply_meta_fragment(turn),
-                  self._composer(), error_fragment(""))
+        self.send(reply_fragment(turn, "", streaming=True), self._composer(),
+                  error_fragment(""))  # its old #turn-N-meta is hidden while it streams
 
         def failed(message: str) -> None:
             turn.reply, turn.note, turn.info = previous
             self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
-                      reply_meta_fragment(turn), error_fragment(message), self._composer())
+                      error_fragment(message), self._composer())
         self._watch(run, turn, failed)
 
     def edit(self, user_prompt: Any) -> None:

@@ -52,7 +52,7 @@ def test_a_reply_ends_with_its_speed_copy_and_show_prompt(app):
     end = client.sent[-1]
     assert 'id="turn-1-meta"' in end
     assert f'data-copy-markdown="/c/{conversation_id}/messages/{reply.id}.md"' in end
-    assert f'hx-get="/c/{conversation_id}/messages/{reply.id}/prompt"' in end
+    assert f'data-prompt-url="/c/{conversation_id}/messages/{reply.id}/prompt"' in end
     assert f"{reply.completion_tokens} tokens" in end  # the footer: from the stored counts
     assert "ms to first token" in end
     assert "<dt>Temperature</dt>" in end  # the sampling settings stored with it
