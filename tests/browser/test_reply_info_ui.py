@@ -9,9 +9,7 @@ Screenshots (desktop light, phone) go to a temporary folder, or to
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +22,7 @@ expect = sync_api.expect
 expect.set_options(timeout=15_000)  # a bound for failing on a busy CI machine, not a speed goal
 
 from tests.browser.conftest import PHONE  # noqa: E402
+from tests.browser.test_history_ui import screenshots  # noqa: E402,F401 - the fixture
 
 CONTEXT = 160  # fake tokens: one per character, so three short turns fill most of it
 REPLY_DEADLINE_MS = 30_000
@@ -35,12 +34,6 @@ def server(tmp_path_factory):
     server.start(fake={"step_delay": 0.002, "context_length": CONTEXT})
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    folder = os.environ.get("TANGLEBOX_SCREENSHOTS_DIR")
-    return Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
 
 
 def ask(page, turn: int, text: str) -> None:
