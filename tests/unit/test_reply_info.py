@@ -6,6 +6,7 @@ database, and the routes the page fetches from."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from tanglebox.web.ui_conversation import PAGE, new_conversation
 from tanglebox.web.ui_socket import ChatSocket
 from tests.fake_backend import FakeBackend
 from tests.live_server import wait_until
+from tests.unit.test_remote_engine import ask, final, make_engine, upstream  # noqa: F401
 from tests.unit.test_ui_conversation import ScriptedClient, model_prompts
 
 COOKIE = "B" * 43  # a browser's cookie value (browser_identity.COOKIE_VALUE)
@@ -218,3 +220,11 @@ def test_fewest_to_drop_reads_the_stored_counts():
     assert fewest_to_drop(sent, 60, "") == 2  # 100 - 70 = 30 <= 51
     assert fewest_to_drop(sent, 60, "x" * 300) == 3  # the new message counts too
     assert fewest_to_drop(sent, None, "") == 1  # unknown context: one, then retried
+
+
+def test_a_remote_generation_carries_the_messages_sent_upstream(upstream, make_engine):
+    generation = make_engine(default_system_prompt="Be brief.").submit(ask("Hi"))
+    final(generation)
+    assert generation.prompt_by_upstream
+    assert json.loads(generation.prompt_text) == upstream.requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
