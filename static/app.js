@@ -135,7 +135,7 @@
     }, function () { button.textContent = "Copy failed"; });
   });
   // -- "Show prompt" under a reply: its inside is fetched when first opened (server HTML,
-  //    the prompt escaped there); without JS the link inside opens it ---------------------
+  //    the prompt escaped there) -----------------------------------------------------------
   document.addEventListener("toggle", function (event) {
     var details = event.target;
     if (!details.matches || !details.matches("details[data-prompt-url]") || !details.open) return;
