@@ -134,6 +134,36 @@
       }, 1500);
     });
   });
+  // -- Copy under a reply: its stored Markdown source, read from the URL the button names -
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("[data-copy-markdown]");
+    if (!button) return;
+    fetch(button.getAttribute("data-copy-markdown"), { credentials: "same-origin" })
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.text();
+      })
+      .then(copyText).then(function () {
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    }, function () { button.textContent = "Copy failed"; });
+  });
+  // -- "Show prompt" under a reply: its inside is fetched when first opened (server HTML,
+  //    the prompt escaped there) -----------------------------------------------------------
+  document.addEventListener("toggle", function (event) {
+    var details = event.target;
+    if (!details.matches || !details.matches("details[data-prompt-url]") || !details.open) return;
+    var url = details.getAttribute("data-prompt-url");
+    details.removeAttribute("data-prompt-url");
+    fetch(url, { credentials: "same-origin" }).then(function (response) {
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      return response.text();
+    }).then(function (html) {
+      details.querySelector(".reply-prompt__body").innerHTML = html;
+    }, function () {
+      details.setAttribute("data-prompt-url", url);
+    });
+  }, true);
   function copyText(text) {
     if (navigator.clipboard && window.isSecureContext) {
       return navigator.clipboard.writeText(text);

@@ -46,7 +46,8 @@ TITLE_CHARS = 60
 # What an assistant message records of how it was made (keyword arguments of add_message
 # and update_reply).
 METADATA_FIELDS = ("model", "template", "sampling", "seed", "prompt_tokens",
-                   "completion_tokens", "cached_tokens", "timings", "finish_reason")
+                   "completion_tokens", "cached_tokens", "timings", "finish_reason",
+                   "prompt_text")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class StoredMessage:
     cached_tokens: int | None = None
     timings: dict | None = None
     finish_reason: str | None = None
+    prompt_text: str | None = None  # what the model read ("Show prompt"); None: not stored
 
 
 @dataclass(frozen=True)

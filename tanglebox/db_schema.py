@@ -93,3 +93,6 @@ class MessageRow(Base):
     cached_tokens: Mapped[int | None] = mapped_column(Integer)
     timings: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     finish_reason: Mapped[str | None] = mapped_column(String(32))
+    # What the model read (after the template; for a remote model, the messages sent upstream
+    # as JSON, ``template`` "upstream"): "Show prompt". None before migration 0002.
+    prompt_text: Mapped[str | None] = mapped_column(Text)

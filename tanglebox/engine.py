@@ -253,6 +253,7 @@ class Engine:
                 f"The prompt is {len(tokens)} tokens but the model's context holds {context} "
                 "(prompt and reply together). Shorten the prompt or the conversation history."))
             return
+        generation.prompt_text = prompt.text  # "Show prompt" in the chat UI
         if self.log_prompts:
             log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
                      prompt.text)

@@ -136,6 +136,11 @@ class Generation:
         # watcher was set, so a watcher reads them here too).
         self.first_delta_at: float | None = None
         self.final_emitted: Done | Error | None = None
+        # What the model read, set by its engine at admission (before the first event): the
+        # rendered prompt (local), or the messages sent upstream as JSON (remote, whose
+        # template the upstream applies: ``prompt_by_upstream``). Stored with a UI reply.
+        self.prompt_text: str | None = None
+        self.prompt_by_upstream = False
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread before its next step

@@ -28,6 +28,7 @@ itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -153,6 +154,9 @@ class RemoteEngine:
             reply.end(FinishReason.CANCELLED if generation.cancelled else FinishReason.TIMEOUT)
             return
         path, body = upstream_request(request, self.upstream.model, self.default_system_prompt)
+        generation.prompt_by_upstream = True  # the upstream applies its template
+        generation.prompt_text = json.dumps(body.get("messages", body.get("prompt")), indent=1,
+                                            ensure_ascii=False)
         if self.log_prompts:
             log.info("generation %s: to %s: %s", generation.id, self.name, body)
         stream = self.client.stream()

@@ -9,7 +9,7 @@ One reply's life (a :class:`ReplyRun`)::
         the person's message (when there is one) and the reply (state "writing"); after that
         the text is saved at most every SAVE_INTERVAL_SECONDS
     the final event: the reply saved with its state, note and metadata (model, sampling, seed,
-        token counts, timings, finish reason); ``ended`` set; the run leaves ReplyRuns
+        token counts, timings, finish reason, the prompt the model read); ``ended`` set; the run leaves ReplyRuns
     watchers (sockets): ``with run.watching(): run.wait_for(version, timeout)``; each renders
         from the whole ``text``, so a page that comes back mid-reply has no gap and no repeat
     stop(): from any socket; the engine ends the reply with Done(cancelled): "stopped"
@@ -224,11 +224,11 @@ class ReplyRun:
         text = outcome.text if outcome is not None else self.text
         return ReplyEnd(DONE, "" if text.strip() else "The model gave an empty reply.")
 
-    @staticmethod
-    def _done_metadata(outcome: Done | Error | None) -> dict[str, Any]:
+    def _done_metadata(self, outcome: Done | Error | None) -> dict[str, Any]:
+        prompt = {"prompt_text": self.generation.prompt_text}  # set at admission: "Show prompt"
         if not isinstance(outcome, Done):
-            return {}
-        return {"prompt_tokens": outcome.prompt_tokens,
+            return prompt
+        return {**prompt, "prompt_tokens": outcome.prompt_tokens,
                 "completion_tokens": outcome.completion_tokens,
                 "cached_tokens": outcome.cached_tokens, "timings": dict(outcome.timings),
                 "finish_reason": str(outcome.finish_reason)}

@@ -7,6 +7,9 @@
     POST /c/<id>/delete            a "Deleted · Undo" row (the conversation is hidden at once)
     POST /c/<id>/restore           the row again (undo)
     GET  /c/<id>/export?format=    md | json | html, as a download (Content-Disposition)
+    GET  /c/<id>/messages/<n>.md   one message of the current branch, its Markdown source
+                                   (a reply's Copy button, app.js)
+    GET  /c/<id>/messages/<n>/prompt   a reply's "Show prompt": what the model read (HTML)
     POST /import         file=     a JSON export ──► a new conversation ──► 303 /c/<new id>
 
 Whose: ``browser_identity.browser_id()``. A conversation of another browser, a deleted one and
@@ -26,8 +29,8 @@ from urllib.parse import quote, urlencode, urlsplit
 from dataclasses import dataclass
 from datetime import datetime
 
-from flask import (Blueprint, Response, abort, current_app, redirect, render_template,
-                   request)
+from flask import (Blueprint, Response, abort, current_app, get_template_attribute, redirect,
+                   render_template, request)
 
 from tanglebox.client_json import RequestError, decode_json
 from tanglebox.conversation_export import (export_html, export_json, export_markdown,
@@ -36,6 +39,7 @@ from tanglebox.conversation_store import (ConversationStore, ConversationSummary
                                           StoredConversation, conversation_store)
 from tanglebox.runtime import current_runtime
 from tanglebox.web.browser_identity import PAGE, browser_id
+from tanglebox.web.reply_info import reply_info
 from tanglebox.web.signin import signed_in, ui_requires_token
 from tanglebox.web.ui_conversation import CONVERSATION_ID
 
@@ -158,6 +162,27 @@ def export(conversation_id: str):
     response = Response(body, mimetype=mimetype)
     response.headers["Content-Disposition"] = _attachment(conversation.title, extension)
     return response
+
+
+@blueprint.get("/c/<conversation_id>/messages/<int:message_id>.md")
+def message_markdown(conversation_id: str, message_id: int):
+    """A message's Markdown source as stored (Copy under a reply), from the current branch."""
+    owned_conversation(conversation_id)
+    for message in store().branch(conversation_id):
+        if message.id == message_id:
+            return Response(message.content, mimetype="text/markdown")
+    abort(404, description="No such message here.")
+
+
+@blueprint.get("/c/<conversation_id>/messages/<int:message_id>/prompt")
+def message_prompt(conversation_id: str, message_id: int):
+    """The inside of a reply's "Show prompt", from what was stored with it."""
+    owned_conversation(conversation_id)
+    for message in store().branch(conversation_id):
+        if message.id == message_id and message.role == "assistant":
+            reply_prompt = get_template_attribute("_turn.html", "reply_prompt")
+            return str(reply_prompt(reply_info(message)))
+    abort(404, description="No such reply here.")
 
 
 @blueprint.post("/import")

@@ -30,6 +30,7 @@ from flask import Flask
 from tanglebox.prompting import ASSISTANT, USER, Message
 from tanglebox.reply_runs import ReplyRun, ReplyRuns
 from tanglebox.settings import Settings
+from tanglebox.web.reply_info import ReplyInfo, reply_info
 
 PAGE, WIDGET = "page", "widget"
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -59,6 +60,7 @@ class Turn:
     reply_message_id: int | None = None
     prompt_flip: Flip | None = None
     reply_flip: Flip | None = None
+    info: ReplyInfo | None = None  # the stored reply's speed, source and prompt
 
 
 @dataclass
@@ -69,6 +71,9 @@ class ChatSettings:
     max_new_tokens: int
     system_prompt: str  # empty: the server's default
     model: str = ""  # a served model's id; empty: the default model
+    # The last message not sent to the model any more (the person chose to continue with the
+    # oldest turns dropped when the conversation outgrew the context); None: all are sent.
+    context_after: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,14 +110,24 @@ class Conversation:
             return None
         return self.turns[-1].reply_message_id or self.turns[-1].prompt_message_id
 
-    def history(self, before: Turn | None = None) -> list[Message]:
-        """The turns (up to ``before``, excluded) as alternating user/assistant messages."""
+    def history(self, before: Turn | None = None, drop: int = 0) -> list[Message]:
+        """The turns sent to the model (up to ``before``, excluded) as alternating
+        user/assistant messages: without those before the dropped mark, and ``drop`` more."""
         messages = []
-        for turn in self.turns:
+        for turn in self.turns[self.first_sent + drop:]:
             if turn is before:
                 break
             messages += [Message(USER, turn.prompt), Message(ASSISTANT, turn.reply)]
         return messages
+
+    @property
+    def first_sent(self) -> int:
+        """The index of the first turn sent to the model (after ``context_after``)."""
+        mark = self.settings.context_after
+        for index, turn in enumerate(self.turns):
+            if mark is not None and turn.reply_message_id == mark:
+                return index + 1
+        return 0
 
     def add_turn(self, prompt: str) -> Turn:
         turn = Turn(len(self.turns) + 1, prompt)
@@ -163,11 +178,13 @@ def load_turns(store: Branch, conversation_id: str, run: ReplyRun | None) -> lis
             turn.reply, turn.note, turn.reply_message_id = (message.content, message.note,
                                                             message.id)
             turn.reply_flip = _flip(store, message.id)
+            turn.info = reply_info(message)
     if run is not None:
         if run.prompt is not None:
             turns.append(Turn(len(turns) + 1, run.prompt))
         if turns:
             turns[-1].reply, turns[-1].note, turns[-1].reply_flip = run.text, "", None
+            turns[-1].info = None
     return turns
 
 

@@ -18,6 +18,7 @@ from markupsafe import Markup, escape
 from tanglebox.markdown_blocks import BlockUpdate, MarkdownStream, OpenCode
 from tanglebox.markdown_render import render_markdown
 from tanglebox.runtime import Runtime
+from tanglebox.web.reply_info import ContextMeter, context_meter
 from tanglebox.web.ui_conversation import PAGE, WIDGET, Conversation, Turn
 from tanglebox.web.ui_settings import model_options, settings_form_values, shown_model
 
@@ -59,7 +60,24 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
         "model_options": model_options(runtime, conversation.settings.model),
         "errors": {},
         "status": "",
+        "meter": conversation_meter(runtime, conversation),
+        "first_sent": conversation.first_sent,  # the "not sent" divider before that turn
     }
+
+
+def model_context(runtime: Runtime, model: str) -> int | None:
+    """The context length of the model the next turn goes to; None when unknown (remote)."""
+    engine = runtime.engine
+    if model in runtime.remotes or engine is None:
+        return None
+    return engine.backend.context_length
+
+
+def conversation_meter(runtime: Runtime, conversation: Conversation) -> ContextMeter | None:
+    """The context meter after the conversation's last stored reply (None: nothing yet)."""
+    last = conversation.turns[-1].info if conversation.turns else None
+    model = conversation.settings.model or runtime.default_model_id
+    return context_meter(last, model_context(runtime, model))
 
 
 def messages_fragment(runtime: Runtime, conversation: Conversation) -> str:
@@ -85,6 +103,12 @@ def error_fragment(message: str) -> str:
     return render_template("_error.html", oob=True, error=message)
 
 
+def too_long_fragment(message: str, draft: str) -> str:
+    """``#chat-error`` (outerHTML) for a message that did not fit the context: why, and the
+    choice (a new chat with it, or this chat without its oldest turns)."""
+    return render_template("_too_long.html", oob=True, error=message, draft=draft)
+
+
 def settings_fragment(runtime: Runtime, form: dict[str, str], errors: dict[str, str],
                       status: str) -> str:
     """``#settings-form`` (outerHTML): the values, and what was wrong or what was saved."""
@@ -108,6 +132,13 @@ def turn_fragment(turn: Turn, streaming: bool = False) -> str:
     return str(turn_section(turn, render_markdown(turn.prompt),
                             Markup("") if streaming else render_markdown(turn.reply),
                             streaming=streaming, oob=True))
+
+
+def reply_meta_fragment(turn: Turn) -> str:
+    """``div#turn-N-meta`` (outerHTML): Copy, the speed and "Show prompt" of a reply that
+    just ended (from what was stored with it)."""
+    reply_meta = get_template_attribute("_turn.html", "reply_meta")
+    return str(reply_meta(turn, oob=True))
 
 
 def reply_fragment(turn: Turn, text: str, streaming: bool, note: str = "") -> str:

@@ -23,6 +23,7 @@ from tanglebox.web.ui_fragments import (
     ReplyFragments,
     error_fragment,
     messages_fragment,
+    reply_meta_fragment,
     turn_fragment,
 )
 
@@ -68,7 +69,7 @@ class ReplyWatching:
 
     def send(self, *fragments: str) -> None: ...
 
-    def new_chat(self) -> None: ...
+    def new_chat(self, draft: Any = None) -> None: ...
 
     def apply_settings(self, message: dict[str, Any]) -> None: ...
 
@@ -124,7 +125,8 @@ class ReplyWatching:
         whole = [t for t in self.conversation.turns if t.id == turn.id]
         alternatives = whole and (whole[0].prompt_flip or whole[0].reply_flip)
         self.send(fragments.end(run.text, end.note),
-                  turn_fragment(whole[0]) if alternatives else "", self._composer())
+                  turn_fragment(whole[0]) if alternatives else
+                  reply_meta_fragment(whole[0]) if whole else "", self._composer())
 
     def _command_while_streaming(self, run: ReplyRun) -> str:
         """"new" when this socket must stop watching; Stop stops the reply (its end is shown

@@ -25,7 +25,12 @@ Client to server: htmx sends a form's values as a JSON object plus a ``HEADERS``
     {"action": "edit", "userPrompt": "…"}   the last message, edited: an alternative of it,
                                  and a new reply
     {"action": "select", "message": "12"}   show the branch through this alternative ("‹ ›")
-    {"action": "new"}            New chat: a new conversation (the old one stays stored)
+    {"action": "new"[, "userPrompt": "…"]}   New chat: a new conversation (the old one stays
+                                 stored), the message that did not fit put in its composer
+    {"action": "send-dropping", "userPrompt": "…"}   send it without the oldest turns: the
+                                 fewest that likely fit (stored counts), one more each time the
+                                 engine still says prompt_too_long; stored as the conversation's
+                                 ``context_after``, a divider marks them
     {"action": "settings", "model": "", "temperature": "0.7", "maxNewTokens": "512",
      "systemPrompt": ""}                               (``ui_settings``; no "model" with one
                                                         model served: no picker)
@@ -58,10 +63,12 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  3   the last finished blocks as in 2, div#turn-N-reply-open
                      hx-swap-oob="delete", the note (ended early, at the limit, empty) in a
                      div[hx-swap-oob="beforeend:#turn-N-reply .message__body"]: the article is
-                     now exactly what a reconnect renders from history; section#turn-N
+                     now exactly what a reconnect renders from history; div#turn-N-meta
+                     (Copy, the speed, "Show prompt": ``reply_info``), or section#turn-N
                      whole when the turn has alternatives (its "‹ 2/2 ›"); #composer
-                     (enabled, Regenerate on)
-    regenerate   1   article#turn-N-reply (holding only its open end), #composer (disabled),
+                     (enabled, Regenerate on, the context meter)
+    regenerate   1   article#turn-N-reply (holding only its open end; app.css hides the
+                     old reply's div#turn-N-meta meanwhile), #composer (disabled),
                      #chat-error (empty); then 2 and 3 as for send
     edit         1   section#turn-N (the edited message, the reply's open end), #composer
                      (disabled), #chat-error (empty); then 2 and 3
@@ -77,6 +84,9 @@ carries ``hx-swap-oob`` (outerHTML by id unless said otherwise)::
                  reply streams they apply from the next reply on, the model too
                  (``ChatRequest.model``). A page keeps its chip across a reconnect, so connect
                  sends none. Stored with the conversation.
+    too long     (the engine's prompt_too_long) #chat-error with the choice: "Start a new
+                 chat with it" (new) or "Continue without the oldest messages"
+                 (send-dropping); sent as refused, below
     refused      #chat-error (why), #composer (enabled, the person's text put back):
                  bad input, maintenance, model loading, queue full, a reply already being
                  written, a model no longer served. An engine error after step 1 first
@@ -120,11 +130,9 @@ from tanglebox.web.ui_fragments import (
     ReplyFragments,
     StreamedReply,
     composer_fragment,
-    delete_fragment,
     error_fragment,
     messages_fragment,
     model_chip_fragment,
-    new_turn_fragment,
     reply_fragment,
     settings_fragment,
     turn_fragment,
@@ -137,6 +145,7 @@ from tanglebox.web.ui_reply_watch import (  # noqa: F401 - RenderPacer's names, 
     RenderPacer,
     ReplyWatching,
 )
+from tanglebox.web.ui_sending import Sending
 from tanglebox.web.ui_settings import field_error, read_settings_form, settings_form_values
 
 IDLE_CLOSE_CODE = 1000  # a normal closure: htmx does not reconnect by itself; app.js does on use
@@ -196,7 +205,7 @@ def request_error(err: RequestError) -> str:
     return f"{FIELD_LABELS.get(err.param, err.param)}: {field_error(err)}"
 
 
-class ChatSocket(ReplyWatching):
+class ChatSocket(ReplyWatching, Sending):
     """One UI socket: its conversation, and the loop that answers it."""
 
     # How a reply being written is sent (bench/ui_deltas.py measures another way beside it).
@@ -230,8 +239,8 @@ class ChatSocket(ReplyWatching):
         if message is None:
             return
         action = message.get("action") or "send"
-        if action == "send":
-            self.send_prompt(message.get("userPrompt"))
+        if action in ("send", "send-dropping"):
+            self.send_prompt(message.get("userPrompt"), drop_oldest=action == "send-dropping")
         elif action == "regenerate":
             self.regenerate()
         elif action == "edit":
@@ -239,7 +248,7 @@ class ChatSocket(ReplyWatching):
         elif action == "select":
             self.select(message.get("message"))
         elif action == "new":
-            self.new_chat()
+            self.new_chat(message.get("userPrompt"))
         elif action == "settings":
             self.apply_settings(message)
         elif action == "stop":  # from a page that did not watch it; or a late one: no reply
@@ -254,25 +263,6 @@ class ChatSocket(ReplyWatching):
 
     # -- actions -----------------------------------------------------------------------
 
-    def send_prompt(self, user_prompt: Any) -> None:
-        prompt, draft = self._read_prompt(user_prompt)
-        if prompt is None:
-            return
-        conversation = self.conversation
-        first = not conversation.stored
-        run = self._start(conversation.history(), prompt, conversation.leaf_id, prompt, draft)
-        if run is None:
-            return
-        turn = conversation.add_turn(prompt)
-        # A conversation's first message: #messages whole, for its data-conversation-url.
-        self.send(messages_fragment(self.runtime, conversation) if first
-                  else new_turn_fragment(turn), self._composer(), error_fragment(""))
-
-        def failed(message: str) -> None:
-            self.send(delete_fragment(f"turn-{turn.id}"), error_fragment(message),
-                      self._composer(draft=turn.prompt))
-        self._watch(run, turn, failed)
-
     def regenerate(self) -> None:
         turns = self.conversation.turns
         if not turns or turns[-1].prompt_message_id is None:
@@ -283,13 +273,13 @@ class ChatSocket(ReplyWatching):
                           turn.prompt_message_id, None)
         if run is None:
             return
-        previous = (turn.reply, turn.note)
-        turn.reply, turn.note = "", ""
+        previous = (turn.reply, turn.note, turn.info)
+        turn.reply, turn.note, turn.info = "", "", None
         self.send(reply_fragment(turn, "", streaming=True), self._composer(),
-                  error_fragment(""))
+                  error_fragment(""))  # its old #turn-N-meta is hidden while it streams
 
         def failed(message: str) -> None:
-            turn.reply, turn.note = previous
+            turn.reply, turn.note, turn.info = previous
             self.send(reply_fragment(turn, turn.reply, streaming=False, note=turn.note),
                       error_fragment(message), self._composer())
         self._watch(run, turn, failed)
@@ -329,9 +319,11 @@ class ChatSocket(ReplyWatching):
         self.send(messages_fragment(self.runtime, self.conversation), self._composer(),
                   error_fragment(""))
 
-    def new_chat(self) -> None:
+    def new_chat(self, draft: Any = None) -> None:
+        """A new conversation; ``draft``: a message that did not fit the old one, put back."""
         self.conversation = self.chats.forget()
-        self.send(messages_fragment(self.runtime, self.conversation), self._composer(),
+        self.send(messages_fragment(self.runtime, self.conversation),
+                  self._composer(draft=draft if isinstance(draft, str) else ""),
                   error_fragment(""))
 
     def apply_settings(self, message: dict[str, Any]) -> None:
@@ -345,6 +337,7 @@ class ChatSocket(ReplyWatching):
                                         "Not applied: correct the marked field."))
             return
         previous_model = self.conversation.settings.model
+        chosen.context_after = self.conversation.settings.context_after  # not a form field
         self.conversation.settings = chosen
         self.chats.save_settings(self.conversation)
         fragments = [settings_fragment(self.runtime, settings_form_values(chosen), {},
@@ -396,7 +389,11 @@ class ChatSocket(ReplyWatching):
     def _metadata(self) -> dict[str, Any]:
         """What is stored with the reply beside what its end brings (``reply_runs``)."""
         chat = self.conversation.settings
-        return {"model": chat.model or self.runtime.default_model_id, "seed": None,
+        model = chat.model or self.runtime.default_model_id
+        engine = self.runtime.engine
+        template = ("upstream" if model in self.runtime.remotes
+                    else engine.template_name if engine is not None else None)
+        return {"model": model, "seed": None, "template": template,
                 "sampling": {"temperature": chat.temperature,
                              "maxNewTokens": chat.max_new_tokens,
                              "systemPrompt": chat.system_prompt}}

@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 from tests.live_server import wait_until
 from tests.postgres import database_url, postgres_server  # noqa: F401 - fixtures
 
-HEAD = "0001"
+HEAD = "0002"
 STARTERS = 4  # processes opening one fresh database at once
 
 
@@ -54,6 +54,30 @@ def test_a_current_database_is_opened_as_it_is(database_url):
         ["still here?"]
     again.close()
     assert revision(database_url) == HEAD
+
+
+def test_a_database_from_0001_gets_the_prompt_column_and_keeps_its_replies(database_url):
+    """0002 adds ``messages.prompt_text``: replies stored before it keep their text, with no
+    prompt (the UI says "not stored")."""
+    from alembic import command
+    from alembic.config import Config
+
+    from tanglebox.database import MIGRATIONS
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    engine.dispose()
+    assert revision(database_url) == "0001"
+    database = open_database(database_url)  # migrates to HEAD
+    assert revision(database_url) == HEAD
+    store = ConversationStore(database)
+    conversation = store.create("a" * 64, "page", "", {})
+    reply = store.add_message(conversation.id, None, "assistant", "hi", prompt_text="<s>hi")
+    assert store.branch(conversation.id)[-1].prompt_text == "<s>hi" and reply.prompt_text
+    database.close()
 
 
 @contextmanager

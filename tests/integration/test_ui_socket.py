@@ -277,7 +277,7 @@ def test_a_message_streams_as_the_documented_fragment_sequence(chat):
         seen = text
 
     assert targets(last) == ["beforebegin:#turn-1-reply-open", "delete #turn-1-reply-open",
-                             "#composer"]
+                             "#turn-1-meta", "#composer"]  # #turn-1-meta: issue 18
     assert all("aria-busy" not in node.attrs for node in shown_reply(messages).walk())
     assert shown_text(messages) == full
     regenerate = element(last, "composer").find_all("button")[-1]
@@ -313,7 +313,8 @@ def test_stop_ends_the_reply_at_once_and_keeps_what_was_written(chat, server):
     messages = chat.receive_until_composer_enabled()
     last = messages[-1]
     assert targets(last) == ["beforebegin:#turn-1-reply-open", "delete #turn-1-reply-open",
-                             "beforeend:#turn-1-reply .message__body", "#composer"]
+                             "beforeend:#turn-1-reply .message__body", "#turn-1-meta",
+                             "#composer"]  # #turn-1-meta: issue 18
     reply = shown_reply([first, streaming, *messages])
     assert reply.find(".message__note").text() == "Stopped."
     text = reply.find(".message__content").text()
