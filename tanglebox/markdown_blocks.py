@@ -57,7 +57,7 @@ from markdown_it.token import Token
 from markupsafe import Markup
 
 from tanglebox.markdown_math import MATH_BLOCK_OPENER
-from tanglebox.markdown_render import CODE_END, markdown_parser
+from tanglebox.markdown_render import CODE_END, WHOLE_MESSAGE, markdown_parser
 
 # markdown-it's own normalization (rules_core/normalize.py): lines end at \r\n, \r or \n.
 LINE_END = re.compile(r"\r\n?|\n")
@@ -185,7 +185,7 @@ class MarkdownStream:
         if restarted:  # not a continuation (a final text that differs): start again
             self._reset()
         tail = text[self._cut:]
-        env: dict[str, Any] = {"references": dict(self._frozen)}
+        env: dict[str, Any] = {"references": dict(self._frozen), WHOLE_MESSAGE: final}
         tokens = self.parser.parse(tail, env)
         if final:
             split, finished_lines = len(tokens), len(tail) + 1  # more lines than there are

@@ -16,7 +16,8 @@ safe strategy is raw HTML off plus a strict link check, so:
   language name, and a copy button; the code itself is escaped, and highlighted by Pygments
   (``code_highlight``: class names only) once its fence is closed. A fence still open (a
   streaming reply writing it) stays plain, so that ``markdown_blocks`` can send its lines
-  once each as escaped text; it turns coloured when its closing fence arrives;
+  once each as escaped text; it turns coloured when its closing fence arrives, or when the
+  message ends without one (a reply cut at its token limit);
 - math (``$…$``, ``$$…$$``, ``\\(…\\)``, ``\\[…\\]``, amsmath environments) becomes MathML
   from an allow-list (``markdown_math``), or code when it does not convert;
 - table column alignment becomes a class, because the strict CSP refuses ``style`` attributes.
@@ -57,6 +58,11 @@ def is_safe_link(url: str) -> bool:
     return bool(SAFE_LINK.match(url.strip()))
 
 
+# In a render's env: the text is a whole message (nothing more will come), so a fence left
+# open (a reply cut at its token limit) is finished code too, and highlighted.
+WHOLE_MESSAGE = "tanglebox_whole_message"
+
+
 def code_language(info: str) -> str:
     """The fence's language if it is a plain name, else "" (no class at all)."""
     first_word = info.strip().split(maxsplit=1)[0] if info.strip() else ""
@@ -89,7 +95,8 @@ class SafeRenderer(RendererHTML):
     def fence(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
               env: EnvType) -> str:
         token = tokens[idx]
-        return _render_code(token.content, code_language(token.info), fence_is_closed(token))
+        finished = fence_is_closed(token) or bool(env.get(WHOLE_MESSAGE))
+        return _render_code(token.content, code_language(token.info), finished)
 
     def code_block(self, tokens: Sequence[Token], idx: int, options: OptionsDict,
                    env: EnvType) -> str:
@@ -148,6 +155,7 @@ def markdown_parser() -> MarkdownIt:
     return _PARSER
 
 
-def render_markdown(text: str) -> Markup:
-    """Safe HTML for ``text``; call it on the whole message so far, never on a fragment."""
-    return Markup(_PARSER.render(text))
+def render_markdown(text: str, whole: bool = True) -> Markup:
+    """Safe HTML for ``text``; call it on the whole message so far, never on a fragment.
+    ``whole=False``: more may follow (a reply being written), so an open fence stays plain."""
+    return Markup(_PARSER.render(text, {WHOLE_MESSAGE: whole}))

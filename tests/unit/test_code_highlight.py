@@ -50,9 +50,11 @@ def test_code_without_a_language_is_guessed_only_when_confident():
         assert token_classes(html) == [] and "code-block__language\">text<" in html
 
 
-def test_an_open_fence_stays_plain_until_it_is_closed():
-    assert token_classes(render_markdown("```python\nimport os\n")) == []
-    assert token_classes(render_markdown("```python\nimport os\n```"))
+def test_an_open_fence_stays_plain_until_it_is_closed_or_the_message_ends():
+    assert token_classes(render_markdown("```python\nimport os\n", whole=False)) == []
+    assert token_classes(render_markdown("```python\nimport os\n```", whole=False))
+    # a whole message whose fence never closed (a reply cut at its token limit): coloured
+    assert token_classes(render_markdown("```python\nimport os\n"))
 
 
 def test_a_streamed_fence_is_highlighted_once_closed_and_the_page_equals_the_render():
