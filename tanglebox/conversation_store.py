@@ -185,17 +185,25 @@ class ConversationStore:
 
     def branch(self, conversation_id: str) -> list[StoredMessage]:
         """The messages shown: from the root to the current leaf, in order."""
+        return [message for message, _ in self.branch_with_alternatives(conversation_id)]
+
+    def branch_with_alternatives(self, conversation_id: str
+                                 ) -> list[tuple[StoredMessage, list[int]]]:
+        """:meth:`branch`, each message with its :meth:`alternatives`, from one read of the
+        conversation's messages (the page shows a "‹ 2/3 ›" beside each one)."""
         with self.database.session() as session:
             row = session.get(ConversationRow, conversation_id)
             if row is None or row.current_leaf_id is None:
                 return []
-            by_id = {m.id: m for m in session.scalars(
-                select(MessageRow).where(MessageRow.conversation_id == conversation_id))}
-        path: list[StoredMessage] = []
+            rows = list(session.scalars(
+                select(MessageRow).where(MessageRow.conversation_id == conversation_id)))
+        by_id = {m.id: m for m in rows}
+        path: list[tuple[StoredMessage, list[int]]] = []
         message_id = row.current_leaf_id
         while message_id is not None and message_id in by_id:
-            path.append(_message(by_id[message_id]))
-            message_id = by_id[message_id].parent_id
+            message = by_id[message_id]
+            path.append((_message(message), _siblings(rows, message)))
+            message_id = message.parent_id
         return path[::-1]
 
     def alternatives(self, message_id: int) -> list[int]:
@@ -204,13 +212,9 @@ class ConversationStore:
             message = session.get(MessageRow, message_id)
             if message is None:
                 return []
-            same_parent = (MessageRow.parent_id.is_(None) if message.parent_id is None
-                           else MessageRow.parent_id == message.parent_id)
-            return list(session.scalars(
-                select(MessageRow.id)
-                .where(MessageRow.conversation_id == message.conversation_id, same_parent,
-                       MessageRow.role == message.role)
-                .order_by(MessageRow.id)))
+            rows = list(session.scalars(
+                select(MessageRow).where(MessageRow.conversation_id == message.conversation_id)))
+        return _siblings(rows, message)
 
     def add_message(self, conversation_id: str, parent_id: int | None, role: str,
                     content: str, state: str = "done", **metadata: Any) -> StoredMessage:
@@ -342,6 +346,12 @@ def _conversation(row: ConversationRow) -> StoredConversation:
                               title=row.title, settings=dict(row.settings),
                               current_leaf_id=row.current_leaf_id, created_at=row.created_at,
                               updated_at=row.updated_at)
+
+
+def _siblings(rows: list[MessageRow], message: MessageRow) -> list[int]:
+    """The ids of ``message`` and of the messages with its parent and role, oldest first."""
+    return sorted(m.id for m in rows
+                  if m.parent_id == message.parent_id and m.role == message.role)
 
 
 def _message(row: MessageRow) -> StoredMessage:

@@ -138,9 +138,8 @@ class Conversation:
 class Branch(Protocol):
     """The store's reads this module makes (``ConversationStore`` is one)."""
 
-    def branch(self, conversation_id: str) -> list[Any]: ...
-
-    def alternatives(self, message_id: int) -> list[int]: ...
+    def branch_with_alternatives(self, conversation_id: str
+                                 ) -> list[tuple[Any, list[int]]]: ...
 
 
 def new_conversation_id() -> str:
@@ -164,20 +163,20 @@ def new_conversation(conversation_id: str, surface: str, settings: Settings) -> 
 def load_turns(store: Branch, conversation_id: str, run: ReplyRun | None) -> list[Turn]:
     """The current branch as turns; with a reply being written, the branch up to the message
     it follows, then its turn (its text so far)."""
-    messages = store.branch(conversation_id)
+    messages = store.branch_with_alternatives(conversation_id)
     if run is not None:
-        ids = [m.id for m in messages]
+        ids = [m.id for m, _ in messages]
         messages = messages[:ids.index(run.parent_id) + 1] if run.parent_id in ids else []
     turns: list[Turn] = []
-    for message in messages:
+    for message, alternatives in messages:
         if message.role == USER:
             turns.append(Turn(len(turns) + 1, message.content, prompt_message_id=message.id,
-                              prompt_flip=_flip(store, message.id)))
+                              prompt_flip=_flip(alternatives, message.id)))
         elif turns:
             turn = turns[-1]
             turn.reply, turn.note, turn.reply_message_id = (message.content, message.note,
                                                             message.id)
-            turn.reply_flip = _flip(store, message.id)
+            turn.reply_flip = _flip(alternatives, message.id)
             turn.info = reply_info(message)
     if run is not None:
         if run.prompt is not None:
@@ -188,8 +187,7 @@ def load_turns(store: Branch, conversation_id: str, run: ReplyRun | None) -> lis
     return turns
 
 
-def _flip(store: Branch, message_id: int) -> Flip | None:
-    ids = store.alternatives(message_id)
+def _flip(ids: list[int], message_id: int) -> Flip | None:
     if len(ids) < 2 or message_id not in ids:
         return None
     at = ids.index(message_id)
