@@ -18,7 +18,12 @@ intervals it would live. Two ways, side by side in each round:
 Reported, medians over the rounds: bytes sent per reply (the reply's fragments, and everything
 the socket sent for the turn: the composer twice, the person's message), the ratio of the
 reply's bytes to the final reply's HTML (the goal: at most 2), the number of updates, and
-server CPU per token (``time.process_time`` over the turn, this process only). ``--streams 8``
+server CPU per token (``time.process_time`` over the turn, this process only). What the socket
+sends is also counted as it goes on the wire to a browser: every browser offers
+permessage-deflate and the server (simple-websocket on wsproto) accepts it with the compressor's
+window kept between messages (context takeover), so each frame is compressed against the last
+32 kB sent and the open block sent again costs a few bytes of back-references
+(:class:`BrowserWire`: wsproto's own frames, read back by a client as a check). ``--streams 8``
 counts 8 replies as streaming for ``RenderPacer`` (the pacing 8 clients get; the CPU each takes
 from the others is the serving benchmark's to measure).
 """
@@ -27,12 +32,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import re
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
 
 from bench.llama_builds import cpu_description
 from tanglebox.generation import Delta, Done, FinishReason
@@ -99,13 +109,33 @@ That is the core of it; the next part builds on these functions.
 
 
 def markdown_reply(tokens: int) -> str:
-    """A reply of exactly ``tokens`` tokens (TOKEN), made of sections like a model's answer."""
+    """A reply of exactly ``tokens`` tokens (TOKEN), made of sections like a model's answer.
+
+    Each section after the first has the words of its lines shuffled (a line's marker, its
+    indentation, fences and table rows kept), so no section repeats another: a compressor
+    must pay for every section's text, as for a real reply."""
     pieces: list[str] = []
     for n in itertools.count(1):
-        pieces += TOKEN.findall(SECTION.format(n=n))
+        section = SECTION.format(n=n)
+        if n > 1:
+            section = "\n".join(_shuffled_words(line, random.Random(n * 1000 + i))
+                                for i, line in enumerate(section.split("\n")))
+        pieces += TOKEN.findall(section)
         if len(pieces) >= tokens:
             return "".join(pieces[:tokens])
     raise AssertionError("unreachable")
+
+
+LINE_MARKER = re.compile(r"^(\s*(?:[-*>]|\d+\.|#+)?\s*)(.*)$")
+
+
+def _shuffled_words(line: str, rng: random.Random) -> str:
+    if line.startswith(("|", "```")):
+        return line
+    marker, rest = LINE_MARKER.match(line).groups()
+    words = rest.split(" ")
+    rng.shuffle(words)
+    return marker + " ".join(words)
 
 
 class WholeReply:
@@ -141,17 +171,56 @@ class CountingFragments:
         return fragment
 
 
+class BrowserWire:
+    """The server's frames as a browser receives them: permessage-deflate, context takeover.
+
+    A wsproto server connection (what simple-websocket sends with) accepts a client's offer of
+    ``permessage-deflate; client_max_window_bits``, as Chromium and Firefox send it; each text
+    frame's bytes are counted (its compression is server CPU, counted in the turn's), and
+    :meth:`check` has a wsproto client decompress every frame after the turn: the texts sent."""
+
+    def __init__(self) -> None:
+        self.server = WSConnection(ConnectionType.SERVER)
+        self.client = WSConnection(ConnectionType.CLIENT)
+        self.server.receive_data(self.client.send(Request(
+            host="localhost", target="/ws/chat", extensions=[PerMessageDeflate()])))
+        [request] = self.server.events()
+        assert isinstance(request, Request)
+        self.client.receive_data(self.server.send(AcceptConnection(
+            extensions=[PerMessageDeflate()])))
+        [accepted] = self.client.events()
+        assert [e.name for e in accepted.extensions] == ["permessage-deflate"]
+
+        self.sent: list[tuple[str, bytes]] = []
+
+    def frame_bytes(self, text: str) -> int:
+        frame = self.server.send(Message(data=text))
+        self.sent.append((text, frame))
+        return len(frame)
+
+    def check(self) -> None:
+        for text, frame in self.sent:
+            self.client.receive_data(frame)
+            received = "".join(e.data for e in self.client.events()
+                               if isinstance(e, TextMessage))
+            assert received == text, "a compressed frame did not read back as the text sent"
+
+
 class CountingSocket:
-    """Stands in for the websocket: nothing arrives, what is sent is counted."""
+    """Stands in for the websocket: nothing arrives, what is sent is counted (as text, and
+    as the compressed frames a browser receives)."""
 
     connected = True
     input_buffer = ()
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.wire_bytes = 0
+        self.wire = BrowserWire()
 
     def send(self, text: str) -> None:
         self.bytes += len(text.encode("utf-8"))
+        self.wire_bytes += self.wire.frame_bytes(text)
 
     def receive(self, timeout: float | None = None) -> None:
         return None
@@ -173,6 +242,8 @@ class ScriptedGeneration:
     def __init__(self, request, tokens: list[str], rate: float, clock: VirtualClock) -> None:
         self.request, self.tokens, self.rate, self.clock = request, tokens, rate, clock
         self.cancelled = False
+        self.prompt_text = "<|im_start|>user\nTell me about files in Python.<|im_end|>\n"
+        self.prompt_by_upstream = False
         self._events = self._script()
 
     def _script(self):
@@ -208,6 +279,7 @@ class SteppedRun(ReplyRun):
 class Measured:
     reply_bytes: int
     socket_bytes: int
+    wire_bytes: int  # socket_bytes as compressed frames (BrowserWire)
     final_html: int
     updates: int
     cpu_per_token_us: float
@@ -245,8 +317,9 @@ def stream_once(app, way, tokens: list[str], rate: float, streams: int) -> Measu
         ui_reply_watch.RENDER_PACER.streaming -= streams - 1
         chat.chats.runs.run_class = ReplyRun
     [fragments] = counted
-    return Measured(fragments.bytes, ws.bytes, len(final.encode("utf-8")), fragments.updates,
-                    cpu / len(tokens) * 1e6)
+    ws.wire.check()
+    return Measured(fragments.bytes, ws.bytes, ws.wire_bytes, len(final.encode("utf-8")),
+                    fragments.updates, cpu / len(tokens) * 1e6)
 
 
 def run(tokens: int, rates: list[float], rounds: int, streams: int) -> str:
@@ -255,14 +328,16 @@ def run(tokens: int, rates: list[float], rounds: int, streams: int) -> str:
         app = create_app(settings, Runtime(settings))
         pieces = TOKEN.findall(markdown_reply(tokens))
         text = "".join(pieces)
+        final_html = str(render_markdown(text))
         lines = [f"CPU: {cpu_description()}",
                  f"reply: {len(pieces)} tokens, {len(text)} characters, final reply HTML "
-                 f"{len(str(render_markdown(text)).encode())} bytes; {streams} stream(s) "
+                 f"{len(final_html.encode())} bytes ({BrowserWire().frame_bytes(final_html)} "
+                 f"as one compressed frame); {streams} stream(s) "
                  f"counted by RenderPacer; medians of {rounds} rounds",
                  "",
                  "| tokens/s | way | updates | reply bytes | x final HTML | socket bytes "
-                 "| CPU µs/token |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| on the wire (deflate) | wire x final HTML | CPU µs/token |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for rate in rates:
             results: dict[str, list[Measured]] = {"whole": [], "deltas": []}
             for _ in range(rounds):  # the two ways in turns, so drift hits both alike
@@ -276,6 +351,8 @@ def run(tokens: int, rates: list[float], rounds: int, streams: int) -> str:
                     f"{median('reply_bytes') / 1e3:,.0f} kB | "
                     f"{median('reply_bytes') / median('final_html'):.2f} | "
                     f"{median('socket_bytes') / 1e3:,.0f} kB | "
+                    f"{median('wire_bytes') / 1e3:,.1f} kB | "
+                    f"{median('wire_bytes') / median('final_html'):.2f} | "
                     f"{median('cpu_per_token_us'):.0f} |")
         return "\n".join(lines)
 

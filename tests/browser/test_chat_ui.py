@@ -371,6 +371,36 @@ def test_a_long_markdown_reply_streams_block_by_block_and_ends_as_history_render
     }""", history)
 
 
+def test_chromium_gets_the_chat_socket_compressed(browser, server):
+    """bench.ui_deltas counts the socket's bytes as compressed frames: that holds only if a
+    browser and the server (gunicorn's gevent worker, simple-websocket) agree on
+    permessage-deflate. Chromium's own record of the handshake says whether they did."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        cdp = context.new_cdp_session(page)
+        offers, answers = [], []
+        cdp.on("Network.webSocketWillSendHandshakeRequest",
+               lambda event: offers.append(_lower_keys(event["request"]["headers"])))
+        cdp.on("Network.webSocketHandshakeResponseReceived",
+               lambda event: answers.append(_lower_keys(event["response"]["headers"])))
+        cdp.send("Network.enable")
+        page.goto(server.url)
+        connected(page)
+        send(page, "count 40")  # and the compressed frames read as a reply
+        expect(finished_reply(page).locator(".message__content")).to_have_text(
+            " ".join(str(i) for i in range(1, 41)))
+    finally:
+        context.close()
+    assert offers and offers[0]["sec-websocket-extensions"].startswith("permessage-deflate")
+    assert answers and answers[0]["sec-websocket-extensions"].startswith("permessage-deflate")
+    assert "no_context_takeover" not in answers[0]["sec-websocket-extensions"]
+
+
+def _lower_keys(headers: dict) -> dict:
+    return {name.lower(): value for name, value in headers.items()}
+
+
 @pytest.mark.parametrize("color_scheme, viewport, name, scale", [
     ("light", DESKTOP, "screenshot-desktop.png", 1),
     ("dark", PHONE, "screenshot-phone.png", 2),
