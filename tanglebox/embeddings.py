@@ -37,7 +37,7 @@ import numpy as np
 from tanglebox import handoff
 from tanglebox.backends.base import BackendError
 from tanglebox.client_json import RequestError
-from tanglebox.engine import MAX_BYTES_PER_TOKEN
+from tanglebox.admission import MAX_BYTES_PER_TOKEN
 from tanglebox.generation import SHUTTING_DOWN
 from tanglebox.runtime import QUEUE_FULL_MESSAGE, SHUTDOWN_RETRY_AFTER, Refusal, Refused
 
@@ -142,7 +142,7 @@ class Embedder:
             if not text:
                 raise RequestError(f"input[{i}]", "is an empty string; send some text")
             size = len(text.encode("utf-8", "surrogatepass"))
-            if size > context * MAX_BYTES_PER_TOKEN:  # too long before tokenizing (engine.py)
+            if size > context * MAX_BYTES_PER_TOKEN:  # too long before tokenizing (admission.py)
                 raise RequestError(f"input[{i}]", f"is {size} bytes, far more than the model's "
                                                   f"context of {context} tokens holds")
 

