@@ -52,7 +52,7 @@ def drive(backend: TransformersBackend, steps: int = 14) -> dict[int, list[np.nd
     """A scripted run, greedy: every call's logits per slot. Slots 0 and 1 start together;
     slot 2's prompt arrives beside the streams; slot 1's reply ends; slot 3 starts; slot 0
     rewinds three tokens and goes on; slot 1 takes a new turn (a prompt chunk after a rewind);
-    slot 2 is forgotten and starts over."""
+    slot 2 is forgotten and starts over; slot 3 pauses two steps."""
     prompts = [prompt_tokens(backend, text) for text in TEXTS]
     fed: dict[int, list[int]] = {slot: [] for slot in range(SLOTS)}
     seen: dict[int, list[np.ndarray]] = {slot: [] for slot in range(SLOTS)}
@@ -92,6 +92,10 @@ def drive(backend: TransformersBackend, steps: int = 14) -> dict[int, list[np.nd
             fed[2] = []
             generating.discard(2)
             chunks.append((2, prompts[0]))
+        if step == 11:
+            generating.discard(3)  # slot 3 pauses two steps, then goes on token by token
+        if step == 13:
+            generating.add(3)
         call(chunks)
     return seen
 
