@@ -18,9 +18,13 @@ pytest.importorskip("transformers")
 from tanglebox.backends.base import DecodeItem  # noqa: E402
 from tanglebox.backends.transformers.backend import TransformersBackend  # noqa: E402
 from tanglebox.backends.transformers.static_decode import decode_kind  # noqa: E402
+from tanglebox.chat_request import ChatRequest  # noqa: E402
+from tanglebox.engine import Engine  # noqa: E402
 from tanglebox.model_location import ModelLocation  # noqa: E402
+from tanglebox.prompting import USER, Message  # noqa: E402
 from tanglebox.settings import SettingsError, load_settings  # noqa: E402
 from tests.loading_plans import settings_for  # noqa: E402
+from tests.replies import collect_reply  # noqa: E402
 from tests.tiny_llama import prompt_tokens, save_tiny_llama  # noqa: E402
 
 SLOTS = 4
@@ -154,6 +158,33 @@ def test_switching_decoding_gives_the_static_rows_back_to_the_slots(loaded):
     assert static.decode_kind == "dynamic"
     np.testing.assert_allclose(got, run(twin(loaded, "dynamic"), switch=False),
                                rtol=1e-4, atol=1e-4)
+
+
+def engine_replies(backend: TransformersBackend) -> tuple[list[str], int]:
+    """Replies through the engine: one alone, then three at once, then a next turn that
+    reuses the first conversation's cached prefix; and the static cache's columns (0: none)."""
+    engine = Engine(backend, "auto")
+    engine.start()
+    try:
+        first = ChatRequest((Message(USER, "Hello there"),), "", 0.0, 12)
+        alone, _ = collect_reply(engine.submit(first))
+        texts = [alone]
+        together = [engine.submit(ChatRequest((Message(USER, text),), "", 0.0, 12))
+                    for text in TEXTS[:3]]
+        texts += [collect_reply(generation)[0] for generation in together]
+        follow = ChatRequest((Message(USER, "Hello there"), Message("assistant", alone),
+                              Message(USER, "And then?")), "", 0.0, 12)
+        texts.append(collect_reply(engine.submit(follow))[0])
+        return texts, backend._static.columns if backend._static else 0
+    finally:
+        engine.stop(drain_seconds=5)
+
+
+def test_replies_through_the_engine_are_the_same_static_and_dynamic(loaded):
+    static, static_columns = engine_replies(twin(loaded, "static"))
+    dynamic, dynamic_columns = engine_replies(twin(loaded, "dynamic"))
+    assert static == dynamic
+    assert static_columns and not dynamic_columns  # the static cache took the steps
 
 
 def _has_cpp_compiler() -> bool:
