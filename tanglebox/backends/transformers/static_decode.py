@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FIRST_COLUMNS = 256  # the cache's first size; it grows by GROWTH up to contextLength + 1
 GROWTH = 4
-DECODE_CHOICES = ("auto", "static", "dynamic")  # the setting transformersDecode
 
 
 def decode_kind(setting: str, device: str) -> str:
