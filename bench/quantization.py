@@ -152,8 +152,9 @@ def measure(path: str, mode: str, device: str, tokens: int, threads: int) -> dic
     return result
 
 
-def decode_speed(backend, streams: int, tokens: int) -> float:
-    """Greedy tokens per second over ``streams`` slots decoding together after one prompt."""
+def decode_speed(backend, streams: int, tokens: int, warmup: int = 0) -> float:
+    """Greedy tokens per second over ``streams`` slots decoding together after one prompt,
+    timed after ``warmup`` steps (bench/transformers_decode.py: compilation happens there)."""
     import numpy as np
     from tanglebox.backends.base import DecodeItem
     from tanglebox.prompting import USER, Message, render_prompt
@@ -165,7 +166,9 @@ def decode_speed(backend, streams: int, tokens: int) -> float:
         last.append(backend.decode([DecodeItem(slot, prompt, 0)])[0])
     position = len(prompt)
     started = time.perf_counter()
-    for _ in range(tokens):
+    for step in range(warmup + tokens):
+        if step == warmup:
+            started = time.perf_counter()
         items = [DecodeItem(slot, [int(np.argmax(last[slot]))], position)
                  for slot in range(streams)]
         last = backend.decode(items)

@@ -105,6 +105,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quantization", "auto", str,
             "transformers weights: `auto` (8bit when `use8BitCompression`), `none`, `8bit`, `4bit`.",
             choices=("auto", "none", "8bit", "4bit")),
+    Setting("transformersDecode", "auto", str,
+            "transformers decoding steps: `static` (one preallocated KV cache, the same shapes "
+            "every step; on cuda compiled with CUDA graphs), `dynamic` (caches that grow), "
+            "`auto` (static on cuda, dynamic elsewhere).",
+            choices=("auto", "static", "dynamic")),
     Setting("kvCacheType", "f16", str,
             "llama.cpp's KV cache precision: `f16`, `q8_0` (half the memory per token of "
             "context), `q4_0` (about a quarter); quantized caches use flash attention.",

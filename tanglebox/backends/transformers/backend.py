@@ -1,11 +1,14 @@
 """The batched transformers backend: decode and forget on per-slot caches.
 
-Every slot has its own ``DynamicCache``. Items that append one token each (the generating
-slots) run as one batched forward: their caches are left-padded into one batch cache, with an
-attention mask hiding the padding and each row's own position ids, and that batch is kept
-across steps while the same slots generate (it is rebuilt when a slot joins or leaves). Prompt
-chunks run one slot at a time. All calls come from the engine's thread. On 2 CPU cores four
-batched streams make 1.3x to 2.7x the tokens/s of one (docs/benchmarks.md).
+Every slot has its own ``DynamicCache``. With ``transformersDecode`` static (the default on
+cuda), the generating slots step on one preallocated cache instead, of the same shapes every
+step, so the step can be captured as CUDA graphs: static_decode.py. The rest of this docstring
+is the dynamic path, which prompt chunks always take. Items that append one token each (the
+generating slots) run as one batched forward: their caches are left-padded into one batch
+cache, with an attention mask hiding the padding and each row's own position ids, and that
+batch is kept across steps while the same slots generate (it is rebuilt when a slot joins or
+leaves). Prompt chunks run one slot at a time. All calls come from the engine's thread. On 2
+CPU cores four batched streams make 1.3x to 2.7x the tokens/s of one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tanglebox.backends.base import DecodeItem
 from tanglebox.backends.transformers.load import load_model
 from tanglebox.backends.transformers.plan import (DeviceInfo, LoadingPlan, loading_config,
                                                   require_torch)
+from tanglebox.backends.transformers.static_decode import StaticDecode, decode_kind
 from tanglebox.backends.transformers.tokens import (TokenBytes, adds_bos, chat_format_of,
                                                     end_of_turn_ids)
 from tanglebox.model_location import ModelLocation
@@ -52,7 +56,8 @@ class TransformersBackend:
     supports_grammar = False  # no grammar sampler here: a request with one is refused
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str, device: str,
-                 context_length: int, max_sequences: int, batch_tokens: int) -> None:
+                 context_length: int, max_sequences: int, batch_tokens: int,
+                 decode: str = "dynamic") -> None:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
         self._torch = require_torch()
@@ -77,6 +82,9 @@ class TransformersBackend:
         self._caches: list[Any] = [None] * max_sequences
         self._tokens: list[list[int]] = [[] for _ in range(max_sequences)]
         self._batch: _Batch | None = None
+        self._static: StaticDecode | None = None
+        self.decode_kind = "dynamic"
+        self.use_decode(decode)
 
     @classmethod
     def load(cls, settings: Mapping[str, Any], location: ModelLocation) -> TransformersBackend:
@@ -90,9 +98,11 @@ class TransformersBackend:
         loaded = load_model(settings, location, plan)
         backend = cls(loaded.model, loaded.tokenizer, model_name=location.path.name,
                       device=plan.device, context_length=loaded.context_length,
-                      max_sequences=settings["parallelSlots"], batch_tokens=plan.batch_tokens)
-        log.info("transformers: loaded %s in %.1f s on %s (%s, %s weights)", location.path.name,
-                 time.monotonic() - started, plan.device, plan.dtype, plan.quantization)
+                      max_sequences=settings["parallelSlots"], batch_tokens=plan.batch_tokens,
+                      decode=decode_kind(settings["transformersDecode"], plan.device))
+        log.info("transformers: loaded %s in %.1f s on %s (%s, %s weights, %s decoding)",
+                 location.path.name, time.monotonic() - started, plan.device, plan.dtype,
+                 plan.quantization, backend.decode_kind)
         return backend
 
     # -- tokens -------------------------------------------------------------------------
@@ -119,12 +129,13 @@ class TransformersBackend:
                 raise ValueError(f"slot {item.slot} holds {len(self._tokens[item.slot])} "
                                  f"positions, not {item.position}")
         stepping = [i for i, item in enumerate(items) if self._steps_in_batch(item)]
-        if len(stepping) < 2:
+        if len(stepping) < (1 if self._static else 2):  # the dynamic batch starts at two
             stepping = []
         results: list[np.ndarray | None] = [None] * len(items)
         with self._torch.inference_mode():
             if stepping:
-                for i, logits in zip(stepping, self._decode_batch([items[i] for i in stepping])):
+                step = self._decode_static if self._static else self._decode_batch
+                for i, logits in zip(stepping, step([items[i] for i in stepping])):
                     results[i] = logits
             for i, item in enumerate(items):
                 if i not in stepping:
@@ -136,6 +147,10 @@ class TransformersBackend:
         if keep >= len(tokens):
             return
         with self._torch.inference_mode():
+            if self._static is not None and self._static.holds(slot):
+                self._static.forget(slot, keep)  # in place: closes the forgotten columns
+                del tokens[keep:]
+                return
             cache = self._cache_of(slot)
             if keep > 0 and self._plain_cache:
                 cache.crop(keep - len(tokens))  # a negative count: remove that many positions
@@ -146,7 +161,29 @@ class TransformersBackend:
             for start in range(0, len(kept), self.batch_tokens):
                 self._decode_slot(slot, kept[start:start + self.batch_tokens], False)
 
+    def use_decode(self, kind: str, columns: int | None = None) -> None:
+        """Step the generating slots ``dynamic``-ally, on a ``static`` cache, or on a
+        ``compiled`` one (static_decode.py); ``columns``: the static cache's first size."""
+        with self._torch.inference_mode():
+            self._split_batch()
+            for slot in range(self.max_sequences):
+                if self._static is not None and self._static.holds(slot):
+                    self._cache_of(slot)  # the slot's rows back in its own cache
+        self._static = None
+        attention = getattr(self.model.config, "_attn_implementation", "eager")
+        if kind != "dynamic" and (not self._plain_cache or attention not in ("sdpa", "eager")):
+            log.warning("transformers: %s decoding needs full attention on sdpa or eager "
+                        "(this model: %s); decoding dynamically", kind, attention)
+            kind = "dynamic"
+        if kind != "dynamic":
+            self._static = StaticDecode(
+                self.model, self.max_sequences, self.context_length + 1,
+                compiled=kind == "compiled", keep_one=self._keep_one,
+                **({"columns": columns} if columns else {}))
+        self.decode_kind = kind
+
     def close(self) -> None:
+        self._static = None
         self._batch = None
         self._caches = [None] * self.max_sequences
         self.model = None
@@ -166,6 +203,8 @@ class TransformersBackend:
     def _cache_of(self, slot: int) -> Any:
         if self._batch is not None and slot in self._batch.rows:
             self._split_batch()
+        if self._static is not None and self._static.holds(slot):
+            self._caches[slot] = self._DynamicCache(ddp_cache_data=self._static.release(slot))
         if self._caches[slot] is None:
             self._caches[slot] = self._new_cache()
         return self._caches[slot]
@@ -201,6 +240,21 @@ class TransformersBackend:
         for item in items:
             self._tokens[item.slot].append(item.tokens[0])
         return [logits[batch.rows[item.slot]].copy() for item in items]
+
+    def _decode_static(self, items: list[DecodeItem]) -> list[np.ndarray]:
+        static = self._static
+        for item in items:
+            if not static.holds(item.slot):
+                cache = self._cache_of(item.slot)
+                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                static.join(item.slot, layers, len(self._tokens[item.slot]))
+                self._caches[item.slot] = None
+        slots = [item.slot for item in items]
+        logits = static.step(slots, [item.tokens[0] for item in items],
+                             [len(self._tokens[slot]) for slot in slots])
+        for item in items:
+            self._tokens[item.slot].append(item.tokens[0])
+        return [row.copy() for row in logits]
 
     def _stack(self, slots: list[int]) -> _Batch:
         torch = self._torch
