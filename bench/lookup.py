@@ -108,7 +108,7 @@ def run(engine: Engine, texts: list[str], max_tokens: int) -> Measured:
         consumer.join()
     seconds = time.monotonic() - started
     finished = [d for d in done if d is not None]
-    return Measured(sum(d.completion_tokens for d in finished) / seconds,
+    return Measured(sum(d.completion_tokens for d in finished), seconds,
                     [d.text if d is not None else "" for d in done],
                     [d.prompt_tokens if d is not None else 0 for d in done],
                     engine.lookup.drafted - drafted, engine.lookup.accepted - accepted,

@@ -109,12 +109,18 @@ def server_counts(final: dict) -> ServerCounts:
 class Measured:
     """One contestant's run of one workload at one stream count, in one round."""
 
-    rate: float  # all replies' tokens per second of wall time
+    tokens: int  # all replies' tokens, as the contestant counted them
+    seconds: float  # wall time from submitting to the last reply's end
     replies: list[str]
     prompt_tokens: list[int]
     drafted: int = 0
     accepted: int = 0
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """All replies' tokens per second of wall time."""
+        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 class LlamaServerContestant:
@@ -167,7 +173,7 @@ class LlamaServerContestant:
         for session in sessions:
             session.close()
         counts = [server_counts(final) for final in finals]
-        return Measured(sum(c.tokens for c in counts) / seconds, texts_out,
+        return Measured(sum(c.tokens for c in counts), seconds, texts_out,
                         [c.prompt_tokens for c in counts], sum(c.drafted for c in counts),
                         sum(c.accepted for c in counts), errors)
 
