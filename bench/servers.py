@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import requests
 
@@ -116,21 +117,23 @@ def start_tanglebox_with(settings: dict, folder: Path, name: str) -> ServerProce
 
 
 def start_llama_server(binary: Path, model: Path, slots: int, context_length: int,
-                       threads: int, folder: Path, same_libs: bool = False) -> ServerProcess:
+                       threads: int, folder: Path, same_libs: bool = False,
+                       extra_args: Sequence[str] = (),
+                       name: str = "llama-server") -> ServerProcess:
     """llama.cpp's own server with the same model, ``-np`` slots and threads as Tanglebox;
-    with ``same_libs``, on llama-cpp-python's libllama/libggml instead of its own."""
+    with ``same_libs``, on llama-cpp-python's libllama/libggml instead of its own;
+    ``extra_args`` appended (e.g. ``--spec-type``), its log named after ``name``."""
     port = free_port()
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(context_length * slots), "-t", str(threads),
-               "-tb", str(threads), "--no-webui"]
+               "-tb", str(threads), "--no-webui", *extra_args]
     env = None
     if same_libs:
         # LD_LIBRARY_PATH comes before the RUNPATH a CMake build writes into the binary
         env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
             [str(llama_cpp_lib_dir())] + [p for p in os.environ.get("LD_LIBRARY_PATH", "")
                                           .split(os.pathsep) if p])}
-    return ServerProcess("llama-server", command, port, folder / f"llama-server-np{slots}.log",
-                         env)
+    return ServerProcess(name, command, port, folder / f"{name}-np{slots}.log", env)
 
 
 def llama_cpp_lib_dir() -> Path:
