@@ -112,7 +112,8 @@ def run(engine: Engine, texts: list[str], max_tokens: int) -> Measured:
                     [d.text if d is not None else "" for d in done],
                     [d.prompt_tokens if d is not None else 0 for d in done],
                     engine.lookup.drafted - drafted, engine.lookup.accepted - accepted,
-                    ["no reply"] * (len(texts) - len(finished)))
+                    ["no reply"] * (len(texts) - len(finished)),
+                    [d.timings.get("tokensPerSecond", 0.0) for d in finished])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.rounds} rounds; drafts accepted {lookup.accepted} of {lookup.drafted} "
           f"drafted tokens\n")
     print("| workload | streams | off tokens/s | on tokens/s | on ÷ off (median, range) "
-          "| same replies | longest reply off, on (characters) |")
-    print("|---|---|---|---|---|---|---|")
+          "| same replies | longest reply off, on (characters) | decoding only: on ÷ off |")
+    print("|---|---|---|---|---|---|---|---|")
     for workload in WORKLOADS:
         for k in streams:
             on, off = measured[(workload, k, "on")], measured[(workload, k, "off")]
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                                  for text in m.replies) for name in engines}
             print(f"| {workload} | {k} | {statistics.median(m.rate for m in off):.1f} | "
                   f"{statistics.median(m.rate for m in on):.1f} | {per_round(on, off)} | "
-                  f"{same_replies(on, off)} | {longest['off']}, {longest['on']} |")
+                  f"{same_replies(on, off)} | {longest['off']}, {longest['on']} | "
+                  f"{per_round(on, off, 'decode_rate')} |")
     if servers:
         print_side_by_side(measured, speculations, streams, servers[0])
 

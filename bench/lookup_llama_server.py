@@ -95,6 +95,7 @@ class ServerCounts:
     tokens: int  # generated (predicted_n)
     drafted: int  # draft tokens sent to the model (draft_n; absent when none)
     accepted: int  # of which the model agreed with (draft_n_accepted)
+    decode_rate: float = 0.0  # generated tokens per second of generation (predicted_per_second)
 
 
 def server_counts(final: dict) -> ServerCounts:
@@ -102,7 +103,8 @@ def server_counts(final: dict) -> ServerCounts:
     timings = final.get("timings") or {}
     return ServerCounts(int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0)),
                         int(timings.get("predicted_n", final.get("tokens_predicted", 0))),
-                        int(timings.get("draft_n", 0)), int(timings.get("draft_n_accepted", 0)))
+                        int(timings.get("draft_n", 0)), int(timings.get("draft_n_accepted", 0)),
+                        float(timings.get("predicted_per_second", 0.0)))
 
 
 @dataclass
@@ -116,11 +118,19 @@ class Measured:
     drafted: int = 0
     accepted: int = 0
     errors: list[str] = field(default_factory=list)
+    # Each reply's decoding speed, its prompt's reading left out: tokens per second after its
+    # first token (the engine's timings.tokensPerSecond; llama-server's predicted_per_second).
+    decode_rates: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         """All replies' tokens per second of wall time."""
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_rate(self) -> float:
+        """The replies' decoding speed (median of ``decode_rates``)."""
+        return statistics.median(self.decode_rates) if self.decode_rates else 0.0
 
 
 class LlamaServerContestant:
@@ -175,7 +185,8 @@ class LlamaServerContestant:
         counts = [server_counts(final) for final in finals]
         return Measured(sum(c.tokens for c in counts), seconds, texts_out,
                         [c.prompt_tokens for c in counts], sum(c.drafted for c in counts),
-                        sum(c.accepted for c in counts), errors)
+                        sum(c.accepted for c in counts), errors,
+                        [c.decode_rate for c in counts])
 
     def stop(self) -> None:
         self.server.stop()
@@ -189,9 +200,12 @@ def median_range(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f})"
 
 
-def per_round(numerators: list[Measured], denominators: list[Measured]) -> str:
-    """The ratio of two contestants' tokens/s taken round by round, as ``median_range``."""
-    return median_range([a.rate / b.rate for a, b in zip(numerators, denominators) if b.rate])
+def per_round(numerators: list[Measured], denominators: list[Measured],
+              rate: str = "rate") -> str:
+    """The ratio of two contestants' tokens/s (``rate``, or ``decode_rate``: decoding only)
+    taken round by round, as ``median_range``."""
+    return median_range([getattr(a, rate) / getattr(b, rate)
+                         for a, b in zip(numerators, denominators) if getattr(b, rate)])
 
 
 def same_replies(these: list[Measured], those: list[Measured]) -> str:
@@ -221,24 +235,33 @@ def side_by_side(runs: dict[str, list[Measured]], speculations: list[Speculation
         drafted = sum(m.drafted for m in measured)
         return f"{sum(m.accepted for m in measured)} of {drafted}" if drafted else "none"
 
-    rate = lambda measured: f"{statistics.median(m.rate for m in measured):.1f}"  # noqa: E731
-    rows = [["Tanglebox off", rate(off), "—", per_round(on, off), "—", "—", "—"],
+    def rate(measured: list[Measured], which: str = "rate") -> str:
+        return f"{statistics.median(getattr(m, which) for m in measured):.1f}"
+
+    def decoding(measured: list[Measured], versus: list[Measured] | None) -> list[str]:
+        return [rate(measured, "decode_rate"),
+                per_round(measured, versus, "decode_rate") if versus else "—"]
+
+    rows = [["Tanglebox off", rate(off), "—", per_round(on, off), "—", "—", "—",
+             *decoding(off, None)],
             ["Tanglebox on", rate(on), per_round(on, off), "—", same_replies(on, off), "—",
-             drafts(on)]]
+             drafts(on), *decoding(on, off)]]
     for speculation in speculations:
         measured = runs[f"llama-server {speculation.label}"]
         if speculation.label == "none":
             rows.append([f"llama-server {speculation.label}", rate(measured), "—",
-                         per_round(on, measured), "—", same_replies(measured, off), "—"])
+                         per_round(on, measured), "—", same_replies(measured, off), "—",
+                         *decoding(measured, None)])
         else:
             rows.append([f"llama-server {speculation.label}", rate(measured),
                          per_round(measured, plain), per_round(on, measured),
                          same_replies(measured, plain), same_replies(measured, on),
-                         drafts(measured)])
+                         drafts(measured), *decoding(measured, plain)])
     return rows
 
 
 SIDE_BY_SIDE_HEADER = ("| workload | streams | contestant | tokens/s | ÷ its plain decoding "
                        "(median, range) | Tanglebox on ÷ this (median, range) | same replies "
                        "as its plain decoding | same text as Tanglebox | drafts accepted of "
-                       "drafted |\n|---|---|---|---|---|---|---|---|---|")
+                       "drafted | decoding only: tokens/s | decoding only: ÷ its plain "
+                       "decoding |\n|---|---|---|---|---|---|---|---|---|---|---|")

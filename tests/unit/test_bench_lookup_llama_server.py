@@ -53,10 +53,11 @@ def test_every_llama_server_gets_its_spec_flags_and_its_own_log(monkeypatch, tmp
 def test_counts_are_llama_servers_own_with_drafts_only_where_it_drafted():
     final = {"content": "", "stop": True, "tokens_predicted": 40, "tokens_evaluated": 61,
              "timings": {"cache_n": 29, "prompt_n": 32, "predicted_n": 40,
-                         "draft_n": 36, "draft_n_accepted": 30}}
+                         "predicted_per_second": 95.5, "draft_n": 36, "draft_n_accepted": 30}}
     counts = server_counts(final)
     assert (counts.prompt_tokens, counts.tokens, counts.drafted, counts.accepted) == (61, 40, 36,
                                                                                        30)
+    assert counts.decode_rate == 95.5  # its decoding speed, the prompt's reading left out
     del final["timings"]["draft_n"], final["timings"]["draft_n_accepted"]
     assert (server_counts(final).drafted, server_counts(final).accepted) == (0, 0)
 
@@ -81,7 +82,7 @@ class _StreamingCompletion(BaseHTTPRequestHandler):
         events = [{"content": "The dog", "stop": False}, {"content": " sat.", "stop": False},
                   {"content": "", "stop": True,
                    "timings": {"prompt_n": 20, "cache_n": 5, "predicted_n": 7, "draft_n": 6,
-                               "draft_n_accepted": 4}}]
+                               "draft_n_accepted": 4, "predicted_per_second": 70.0}}]
         for event in events:
             self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
 
@@ -109,6 +110,7 @@ def test_a_run_streams_the_rendered_prompts_and_counts_the_servers_tokens():
     assert measured.prompt_tokens == [25, 25]
     assert (measured.drafted, measured.accepted) == (12, 8)
     assert measured.tokens == 14 and measured.rate > 0 and not measured.errors
+    assert measured.decode_rates == [70.0, 70.0] and measured.decode_rate == 70.0
     assert sorted(b["prompt"] for b in _StreamingCompletion.bodies) == [
         "<|user|>Copy: a cat.<|a|>", "<|user|>Copy: the cat sat.<|a|>"]
     assert {(b["n_predict"], b["temperature"], b["stream"])
@@ -117,8 +119,9 @@ def test_a_run_streams_the_rendered_prompts_and_counts_the_servers_tokens():
 
 def _runs(rates: list[float], replies: list[str], drafted: int = 0,
           accepted: int = 0) -> list[Measured]:
-    return [Measured(int(rate * 10), 10.0, replies, [10] * len(replies), drafted, accepted)
-            for rate in rates]
+    # Decoding alone runs at twice the rate the prompt's reading leaves overall.
+    return [Measured(int(rate * 10), 10.0, replies, [10] * len(replies), drafted, accepted,
+                     decode_rates=[rate * 2] * len(replies)) for rate in rates]
 
 
 def test_rows_give_each_ratio_round_by_round_and_which_replies_match():
@@ -131,14 +134,18 @@ def test_rows_give_each_ratio_round_by_round_and_which_replies_match():
     }, parse_specs("ngram-simple"))
     table = {row[0]: row[1:] for row in rows}
     # tokens/s (median), ÷ its plain decoding, Tanglebox on ÷ this, same replies as its plain
-    # decoding, same text as Tanglebox, drafts accepted of drafted
-    assert table["Tanglebox off"] == ["40.0", "—", "1.20 (1.10–1.50)", "—", "—", "—"]
-    assert table["Tanglebox on"] == ["48.0", "1.20 (1.10–1.50)", "—", "3 of 6", "—", "24 of 30"]
+    # decoding, same text as Tanglebox, drafts accepted of drafted, then decoding only:
+    # tokens/s (median) and ÷ its plain decoding
+    assert table["Tanglebox off"] == ["40.0", "—", "1.20 (1.10–1.50)", "—", "—", "—",
+                                      "80.0", "—"]
+    assert table["Tanglebox on"] == ["48.0", "1.20 (1.10–1.50)", "—", "3 of 6", "—", "24 of 30",
+                                     "96.0", "1.20 (1.10–1.50)"]
     # llama-server plain is held to Tanglebox off, a spec type to Tanglebox on
-    assert table["llama-server none"] == ["40.0", "—", "1.25 (1.10–1.60)", "—", "3 of 6", "—"]
+    assert table["llama-server none"] == ["40.0", "—", "1.25 (1.10–1.60)", "—", "3 of 6", "—",
+                                          "80.0", "—"]
     assert table["llama-server ngram-simple"] == ["50.0", "1.25 (1.00–1.50)",
                                                   "0.88 (0.83–1.60)", "3 of 6", "6 of 6",
-                                                  "15 of 60"]
+                                                  "15 of 60", "100.0", "1.25 (1.00–1.50)"]
 
 
 def test_the_first_replies_that_part_are_shown_where_they_part():
