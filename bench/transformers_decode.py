@@ -9,7 +9,7 @@ Models: SmolLM2-135M-Instruct from the embedded GGUF file (transformers dequanti
 and every ``--model`` (a transformers folder or a GGUF file: a ~1B model, say). Each model is
 loaded once, through ``TransformersBackend.load_planned`` with the plan the server makes
 (``parallelSlots`` = the most streams); each decoding kind is a backend of its own on those
-weights (``dynamic``, ``static``, and on cuda ``compiled``: what ``transformersDecode`` auto
+weights (``dynamic``, ``static``, and on cuda ``compiled``: what ``transformersDecode: static``
 picks there), so a kind keeps its compiled graphs across rounds. The static kinds step every
 row of their cache (``parallelSlots`` rows) even for one stream: that is their shape.
 

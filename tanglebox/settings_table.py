@@ -108,7 +108,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transformersDecode", "auto", str,
             "transformers decoding steps: `static` (one preallocated KV cache, the same shapes "
             "every step; on cuda compiled with CUDA graphs), `dynamic` (caches that grow), "
-            "`auto` (static on cuda, dynamic elsewhere).",
+            "`auto` (dynamic, until the static step is measured on a GPU).",
             choices=("auto", "static", "dynamic")),
     Setting("kvCacheType", "f16", str,
             "llama.cpp's KV cache precision: `f16`, `q8_0` (half the memory per token of "

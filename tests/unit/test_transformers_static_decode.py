@@ -204,9 +204,10 @@ def test_the_compiled_static_step_gives_the_dynamic_tokens_on_the_cpu(loaded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need cuda")
 def test_cuda_graphs_capture_the_static_step(tmp_path, model_folder):
     from torch._dynamo.utils import counters
-    backend = TransformersBackend.load(settings_for(tmp_path, device="cuda", parallelSlots=SLOTS),
+    backend = TransformersBackend.load(settings_for(tmp_path, device="cuda", parallelSlots=SLOTS,
+                                                    transformersDecode="static"),
                                        ModelLocation(model_folder, "transformers", False))
-    assert backend.decode_kind == "compiled"  # auto on cuda
+    assert backend.decode_kind == "compiled"  # static on cuda
     counters.clear()
     got = drive(backend, steps=8)
     assert backend._static.compiled
@@ -216,7 +217,7 @@ def test_cuda_graphs_capture_the_static_step(tmp_path, model_folder):
 
 
 @pytest.mark.parametrize("setting, device, kind", [
-    ("auto", "cpu", "dynamic"), ("auto", "mps", "dynamic"), ("auto", "cuda", "compiled"),
+    ("auto", "cpu", "dynamic"), ("auto", "mps", "dynamic"), ("auto", "cuda", "dynamic"),
     ("static", "cpu", "static"), ("static", "cuda", "compiled"), ("dynamic", "cuda", "dynamic"),
 ])
 def test_transformers_decode_picks_the_path_per_device(setting, device, kind):
