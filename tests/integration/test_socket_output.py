@@ -12,7 +12,9 @@ buffer grows with the segment size) runs out at once.
 from __future__ import annotations
 
 import json
+import random
 import socket
+import string
 from contextlib import closing
 
 import websocket
@@ -50,7 +52,7 @@ class DeflatingClient:
     """A websocket client that offers permessage-deflate as browsers do, on wsproto, counting
     the bytes the server put on the wire and the text they carried."""
 
-    def __init__(self, server, path: str) -> None:
+    def __init__(self, server, path: str, deflate: PerMessageDeflate) -> None:
         self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=RECEIVE_DEADLINE)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.wire_bytes = self.text_bytes = 0
@@ -58,7 +60,7 @@ class DeflatingClient:
         self._texts: list[str] = []
         self._partial = ""
         self.sock.sendall(self.ws.send(Request(
-            host=f"127.0.0.1:{server.port}", target=path, extensions=[PerMessageDeflate()],
+            host=f"127.0.0.1:{server.port}", target=path, extensions=[deflate],
             extra_headers=[(b"Origin", server.url.encode())])))
         while self.extensions is None:
             self._read()
@@ -94,17 +96,15 @@ class DeflatingClient:
                     self._partial = ""
 
 
-ECHOED = ("Here is a paragraph that a model might write about files, long enough to stream "
-          "over many updates, each of which sends the open paragraph again. ") * 12
+# Words of random letters: text a compressor cannot shrink much by itself, so what it saves
+# is the paragraph sent again at each update.
+_letters = random.Random(7)
+ECHOED = " ".join("".join(_letters.choice(string.ascii_lowercase)
+                          for _ in range(_letters.randint(2, 9))) for _ in range(80)) + "."
 
 
-def test_the_chat_socket_compresses_what_it_sends_for_a_client_that_offers_deflate(
-        fake_server):
-    """Browsers offer permessage-deflate; the chat socket accepts it and keeps the compressor's
-    window between messages, so the open block sent again at each update travels as a few
-    bytes of back-references (bench.ui_deltas measures a 2,000-token reply)."""
-    server = fake_server.start(fake={"step_delay": 0.002})
-    client = DeflatingClient(server, "/ws/chat?surface=page")
+def _stream_a_reply(server, deflate: PerMessageDeflate) -> DeflatingClient:
+    client = DeflatingClient(server, "/ws/chat?surface=page", deflate)
     try:
         assert client.extensions == ["permessage-deflate"]
         client.recv()  # the sync
@@ -115,7 +115,19 @@ def test_the_chat_socket_compresses_what_it_sends_for_a_client_that_offers_defla
     finally:
         client.close()
     assert len(frames) > 10  # the reply streamed in many updates
-    assert "many updates, each of which sends the open paragraph again." in frames[-2] + frames[-1]
-    # What travelled is a fraction of the text it carried: each update's repeated paragraph
-    # was compressed against the one before (without context takeover it would be ~1/2).
-    assert client.wire_bytes < client.text_bytes / 4
+    assert ECHOED[:40] in frames[-2] + frames[-1]  # the reply, ended
+    return client
+
+
+def test_the_chat_socket_compresses_what_it_sends_for_a_client_that_offers_deflate(
+        fake_server):
+    """Browsers offer permessage-deflate; the chat socket accepts it and keeps the compressor's
+    window between messages, so the open block sent again at each update travels as a few
+    bytes of back-references (bench.ui_deltas measures a 2,000-token reply)."""
+    server = fake_server.start(fake={"step_delay": 0.002})
+    kept = _stream_a_reply(server, PerMessageDeflate())
+    # The same reply, the client asking the server to start each message's window afresh:
+    # only what one message repeats within itself is saved.
+    fresh = _stream_a_reply(server, PerMessageDeflate(server_no_context_takeover=True))
+    assert kept.wire_bytes < kept.text_bytes / 4
+    assert kept.wire_bytes < fresh.wire_bytes / 2
