@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 contestants[servers[-1].name] = servers[-1].run
         for contestant in contestants.values():  # warm-up: page faults, allocations
             contestant(edit_prompts(max(streams), 0), 16)
+        # Read while the servers run (their /proc/PID/maps is gone once they stop).
+        libraries = llama_server_libraries(servers[0].server) if servers else ""
         meter = OtherLoad([os.getpid()] + [server.server.pid() for server in servers])
         fresh = itertools.count(1)  # a new prompt number for every run
         for round_ in range(1, args.rounds + 1):
@@ -188,14 +190,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{same_replies(on, off)} | {longest['off']}, {longest['on']} | "
                   f"{per_round(on, off, 'decode_rate')} |")
     if servers:
-        print_side_by_side(measured, speculations, streams, servers[0])
+        print_side_by_side(measured, speculations, streams, libraries)
 
 
 def print_side_by_side(measured: dict[tuple[str, int, str], list[Measured]],
                        speculations: list[Speculation], streams: list[int],
-                       server: LlamaServerContestant) -> None:
-    """The llama-server contestants beside Tanglebox's, and whether they read the same prompt."""
-    print(f"\n{llama_server_libraries(server.server)}")
+                       libraries: str) -> None:
+    """The llama-server contestants beside Tanglebox's, and whether they read the same prompt
+    (``libraries``: which libllama/libggml llama-server ran, ``llama_server_libraries``)."""
+    print(f"\n{libraries}")
     tanglebox = [n for w in WORKLOADS for k in streams for m in measured[(w, k, "off")]
                  for n in m.prompt_tokens]
     theirs = [n for w in WORKLOADS for k in streams
