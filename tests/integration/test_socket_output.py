@@ -124,7 +124,7 @@ def test_the_chat_socket_compresses_what_it_sends_for_a_client_that_offers_defla
     """Browsers offer permessage-deflate; the chat socket accepts it and keeps the compressor's
     window between messages, so the open block sent again at each update travels as a few
     bytes of back-references (bench.ui_deltas measures a 2,000-token reply)."""
-    server = fake_server.start(fake={"step_delay": 0.002})
+    server = fake_server.start(fake={"step_delay": 0.01})  # a reply of a second or more
     kept = _stream_a_reply(server, PerMessageDeflate())
     # The same reply, the client asking the server to start each message's window afresh:
     # only what one message repeats within itself is saved.
