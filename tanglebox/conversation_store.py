@@ -21,7 +21,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from sqlalchemy import and_, delete, exists, or_, select, update
 
@@ -198,11 +198,12 @@ class ConversationStore:
             rows = list(session.scalars(
                 select(MessageRow).where(MessageRow.conversation_id == conversation_id)))
         by_id = {m.id: m for m in rows}
+        siblings = _siblings(rows)
         path: list[tuple[StoredMessage, list[int]]] = []
         message_id = row.current_leaf_id
         while message_id is not None and message_id in by_id:
             message = by_id[message_id]
-            path.append((_message(message), _siblings(rows, message)))
+            path.append((_message(message), siblings[message.parent_id, message.role]))
             message_id = message.parent_id
         return path[::-1]
 
@@ -212,9 +213,10 @@ class ConversationStore:
             message = session.get(MessageRow, message_id)
             if message is None:
                 return []
-            rows = list(session.scalars(
-                select(MessageRow).where(MessageRow.conversation_id == message.conversation_id)))
-        return _siblings(rows, message)
+            rows = session.execute(
+                select(MessageRow.id, MessageRow.parent_id, MessageRow.role)
+                .where(MessageRow.conversation_id == message.conversation_id)).all()
+        return _siblings(rows)[message.parent_id, message.role]
 
     def add_message(self, conversation_id: str, parent_id: int | None, role: str,
                     content: str, state: str = "done", **metadata: Any) -> StoredMessage:
@@ -348,10 +350,13 @@ def _conversation(row: ConversationRow) -> StoredConversation:
                               updated_at=row.updated_at)
 
 
-def _siblings(rows: list[MessageRow], message: MessageRow) -> list[int]:
-    """The ids of ``message`` and of the messages with its parent and role, oldest first."""
-    return sorted(m.id for m in rows
-                  if m.parent_id == message.parent_id and m.role == message.role)
+def _siblings(rows: Iterable[Any]) -> dict[tuple[int | None, str], list[int]]:
+    """A conversation's messages (each with ``id``, ``parent_id``, ``role``) grouped as
+    alternatives: by parent and role, the ids oldest first."""
+    groups: dict[tuple[int | None, str], list[int]] = {}
+    for m in sorted(rows, key=lambda m: m.id):
+        groups.setdefault((m.parent_id, m.role), []).append(m.id)
+    return groups
 
 
 def _message(row: MessageRow) -> StoredMessage:
