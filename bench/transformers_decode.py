@@ -79,6 +79,7 @@ def measure_model(path: str, device: str, streams: list[int], tokens: int, warmu
                   rounds: int, context: int) -> dict[tuple[str, int], list[float]]:
     """tokens/s per (kind, K), one entry per round."""
     from bench.quantization import decode_speed
+    from bench.rounds import in_round_order
     from tanglebox.backends.transformers.backend import TransformersBackend
     from tanglebox.backends.transformers.plan import DeviceInfo, loading_config
     from tanglebox.model_location import ModelLocation
@@ -100,8 +101,7 @@ def measure_model(path: str, device: str, streams: list[int], tokens: int, warmu
     results: dict[tuple[str, int], list[float]] = {}
     for round_index in range(rounds):
         for k in streams:
-            kinds = list(KINDS[device])
-            for kind in kinds if round_index % 2 == 0 else reversed(kinds):
+            for kind in in_round_order(KINDS[device], round_index):
                 started = time.perf_counter()
                 speed = decode_speed(backends[kind], k, tokens, warmup)
                 results.setdefault((kind, k), []).append(speed)
