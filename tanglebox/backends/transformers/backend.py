@@ -1,9 +1,10 @@
 """The batched transformers backend: decode and forget on per-slot caches.
 
-Every slot has its own ``DynamicCache``. With ``transformersDecode`` static (the default on
-cuda), the generating slots step on one preallocated cache instead, of the same shapes every
-step, so the step can be captured as CUDA graphs: static_decode.py. The rest of this docstring
-is the dynamic path, which prompt chunks always take. Items that append one token each (the
+Every slot has its own ``DynamicCache``. With ``transformersDecode: static`` (not the default
+yet: see static_decode.decode_kind), the generating slots step on one preallocated cache
+instead, of the same shapes every step, so the step can be captured as CUDA graphs:
+static_decode.py. The rest of this docstring is the dynamic path, which prompt chunks always
+take. Items that append one token each (the
 generating slots) run as one batched forward: their caches are left-padded into one batch
 cache, with an attention mask hiding the padding and each row's own position ids, and that
 batch is kept across steps while the same slots generate (it is rebuilt when a slot joins or
