@@ -271,7 +271,7 @@ class LlamaServerClient:
     def send(self, prompt: str) -> Reply:
         body = {"prompt": self.render(prompt), "n_predict": self.max_tokens, "temperature": 0,
                 "stream": True, "cache_prompt": True}
-        return _post_streamed(self.session, self.url, body, lambda event: event.get("content"),
+        return post_streamed(self.session, self.url, body, lambda event: event.get("content"),
                               lambda event: bool(event.get("stop")))
 
     def close(self) -> None:
@@ -303,7 +303,7 @@ class OpenAIChatClient:
     def send(self, prompt: str) -> Reply:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": self.max_tokens, "temperature": 0, "stream": True}
-        return _post_streamed(self.session, self.base + "/chat/completions", body,
+        return post_streamed(self.session, self.base + "/chat/completions", body,
                               _chat_delta_text, lambda event: False)
 
     def close(self) -> None:
@@ -315,7 +315,7 @@ def _chat_delta_text(event: dict) -> str:
     return (choices[0].get("delta") or {}).get("content") or ""
 
 
-def _post_streamed(session: requests.Session, url: str, body: dict,
+def post_streamed(session: requests.Session, url: str, body: dict,
                    text_of: Callable[[dict], str | None],
                    ends: Callable[[dict], bool]) -> Reply:
     """POST ``body`` and read the server-sent events (``data: {json}`` lines) until

@@ -50,7 +50,7 @@ from typing import Callable
 
 import requests
 
-from bench.clients import _post_streamed
+from bench.clients import post_streamed
 from bench.servers import ServerProcess, start_llama_server
 
 DEFAULT_SPECS = "ngram-simple,ngram-simple:3:8"
@@ -167,7 +167,7 @@ class LlamaServerContestant:
                     finals[i] = event
                 return bool(event.get("stop"))
 
-            reply = _post_streamed(sessions[i], self.server.url + "/completion", bodies[i],
+            reply = post_streamed(sessions[i], self.server.url + "/completion", bodies[i],
                                    lambda event: event.get("content"), ends)
             texts_out[i] = reply.text
             if reply.error:
