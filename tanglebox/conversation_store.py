@@ -7,9 +7,10 @@ reply or editing a prompt adds a sibling (same parent, same role) instead of ove
 ``current_leaf_id`` says which branch is shown. :meth:`ConversationStore.branch` reads that
 branch; :meth:`~ConversationStore.select` moves to another one.
 
-A reply is stored while it is written: ``add_message(..., state="writing")``, then
-``update_reply`` as it grows and once at its end, with its provenance (model, sampling, token
-counts, timings, finish reason). A process that dies mid-reply leaves it "writing";
+A reply is stored while it is written: ``add_message(..., state="writing")``, then its text
+as it grows (``save_writing``: every reply being written in one transaction), then
+``update_reply`` once at its end, with its provenance (model, sampling, token counts, timings,
+finish reason). A process that dies mid-reply leaves it "writing";
 ``interrupt_unfinished`` at the next start marks it "interrupted", keeping its text.
 
 Every call is one short transaction (``Database.session``), run in the calling greenlet.
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, insert, or_, select, update
 
 from tanglebox.database import EXTENSION as DATABASE_EXTENSION
 from tanglebox.database import Database
@@ -48,6 +49,23 @@ TITLE_CHARS = 60
 METADATA_FIELDS = ("model", "template", "sampling", "seed", "prompt_tokens",
                    "completion_tokens", "cached_tokens", "timings", "finish_reason",
                    "prompt_text")
+
+
+# The statements of a reply's life, built once (each build would cost about as much as running
+# it): its first token (_add_messages), its text as it grows, its end (update_reply).
+_TITLE = select(ConversationRow.title).where(ConversationRow.id == bindparam("conversation"))
+_CONVERSATION_OF = select(MessageRow.conversation_id).where(MessageRow.id == bindparam("message"))
+_INSERT_MESSAGE = insert(MessageRow).returning(MessageRow.id)
+_NEW_LEAF = (update(ConversationRow).where(ConversationRow.id == bindparam("conversation"))
+             .values(current_leaf_id=bindparam("leaf"), updated_at=bindparam("now"),
+                     title=bindparam("new_title")))
+_TOUCH = (update(ConversationRow).where(ConversationRow.id == bindparam("conversation"))
+          .values(updated_at=bindparam("now")))
+_UPDATE_MESSAGE = (update(MessageRow).where(MessageRow.id == bindparam("message"))
+                   .returning(MessageRow.conversation_id))  # SET: the parameters given
+_SAVE_WRITING = (update(MessageRow).where(MessageRow.id == bindparam("message"),
+                                          MessageRow.state == "writing")
+                 .values(content=bindparam("text")))
 
 
 @dataclass(frozen=True)
@@ -225,41 +243,55 @@ class ConversationStore:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         _check_fields(state, metadata)
+        message = StoredMessage(id=0, conversation_id=conversation_id, parent_id=parent_id,
+                                role=role, content=content, state=state, note="",
+                                created_at=_now(), **metadata)
+        with self.database.transaction() as connection:
+            [message_id] = _add_messages(connection, [message])
+        return replace(message, id=message_id)
+
+    def start_reply(self, conversation_id: str, parent_id: int | None, prompt: str | None,
+                    **metadata: Any) -> tuple[int | None, int]:
+        """What a reply's first token stores, in one transaction: the person's message after
+        ``parent_id`` (when ``prompt`` is not None; else ``parent_id`` is theirs), then the
+        empty reply ("writing", with its provenance), which becomes the current leaf. Returns
+        (the person's message id or None, the reply's id)."""
+        _check_fields("writing", metadata)
         now = _now()
-        with self.database.session() as session:
-            conversation = session.get(ConversationRow, conversation_id)
-            if conversation is None:
-                raise ValueError(f"no conversation {conversation_id!r}")
-            if parent_id is not None:
-                parent = session.get(MessageRow, parent_id)
-                if parent is None or parent.conversation_id != conversation_id:
-                    raise ValueError(f"message {parent_id} is not in conversation "
-                                     f"{conversation_id!r}")
-            row = MessageRow(conversation_id=conversation_id, parent_id=parent_id, role=role,
-                             content=content, state=state, note="", created_at=now, **metadata)
-            session.add(row)
-            session.flush()
-            conversation.current_leaf_id = row.id
-            conversation.updated_at = now
-            if role == "user" and not conversation.title:
-                conversation.title = title_from(content)
-            return _message(row)
+        reply = StoredMessage(id=0, conversation_id=conversation_id, parent_id=parent_id,
+                              role="assistant", content="", state="writing", note="",
+                              created_at=now, **metadata)
+        if prompt is None:
+            messages = [reply]
+        else:
+            messages = [StoredMessage(id=0, conversation_id=conversation_id,
+                                      parent_id=parent_id, role="user", content=prompt,
+                                      state="done", note="", created_at=now), reply]
+        with self.database.transaction() as connection:
+            ids = _add_messages(connection, messages)
+        return (None if prompt is None else ids[0]), ids[-1]
 
     def update_reply(self, message_id: int, content: str, state: str, note: str = "",
                      **metadata: Any) -> None:
         """The reply's text so far (state "writing"), or at its end with its metadata."""
         _check_fields(state, metadata)
-        now = _now()
-        with self.database.session() as session:
-            message = session.get(MessageRow, message_id)
-            if message is None:
+        with self.database.transaction() as connection:
+            conversation_id = connection.execute(
+                _UPDATE_MESSAGE, {"message": message_id, "content": content, "state": state,
+                                  "note": note, **metadata}).scalar_one_or_none()
+            if conversation_id is None:
                 raise ValueError(f"no message {message_id}")
-            message.content, message.state, message.note = content, state, note
-            for key, value in metadata.items():
-                setattr(message, key, value)
-            session.execute(update(ConversationRow)
-                            .where(ConversationRow.id == message.conversation_id)
-                            .values(updated_at=now))
+            connection.execute(_TOUCH, {"conversation": conversation_id, "now": _now()})
+
+    def save_writing(self, texts: dict[int, str]) -> None:
+        """The text so far of replies being written (message id: text), all in one transaction
+        and one statement: the hot path of a busy server (about a tenth of ``update_reply``'s
+        CPU for eight replies). A reply whose end was saved meanwhile keeps its end."""
+        if not texts:
+            return
+        with self.database.transaction() as connection:
+            connection.execute(_SAVE_WRITING, [{"message": message_id, "text": text}
+                                               for message_id, text in texts.items()])
 
     def select(self, conversation_id: str, message_id: int) -> None:
         """Show the branch through ``message_id``: its newest descendant becomes the leaf
@@ -317,6 +349,33 @@ def title_from(text: str) -> str:
     cut = words[:TITLE_CHARS + 1].rsplit(" ", 1)[0] if " " in words[:TITLE_CHARS + 1] \
         else words[:TITLE_CHARS]
     return cut.rstrip(" ,.;:") + "…"
+
+
+def _add_messages(connection: Connection, messages: list[StoredMessage]) -> list[int]:
+    """Insert ``messages`` of one conversation, each after the one before it (the first after
+    its own ``parent_id``); the last becomes the current leaf, and a user message names a
+    conversation that has no title. Returns their ids. Plain statements, not the ORM: this is
+    every reply's first token (about half the CPU)."""
+    conversation_id, parent_id = messages[0].conversation_id, messages[0].parent_id
+    title = connection.execute(_TITLE, {"conversation": conversation_id}).one_or_none()
+    if title is None:
+        raise ValueError(f"no conversation {conversation_id!r}")
+    if parent_id is not None and connection.execute(
+            _CONVERSATION_OF, {"message": parent_id}).scalar_one_or_none() != conversation_id:
+        raise ValueError(f"message {parent_id} is not in conversation {conversation_id!r}")
+    ids: list[int] = []
+    for message in messages:
+        parent_id = connection.execute(_INSERT_MESSAGE, {
+            "conversation_id": conversation_id, "parent_id": parent_id, "role": message.role,
+            "content": message.content, "state": message.state, "note": message.note,
+            "created_at": message.created_at,
+            **{key: getattr(message, key) for key in METADATA_FIELDS}}).scalar_one()
+        ids.append(parent_id)
+    named = [m.content for m in messages if m.role == "user"]
+    connection.execute(_NEW_LEAF, {
+        "conversation": conversation_id, "leaf": ids[-1], "now": messages[-1].created_at,
+        "new_title": title[0] or (title_from(named[0]) if named else title[0])})
+    return ids
 
 
 def _visible(session: Any, conversation_id: str, owner: str) -> ConversationRow | None:

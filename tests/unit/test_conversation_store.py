@@ -215,6 +215,41 @@ def test_update_settings_is_read_back(store):
     assert store.get(conversation.id, ALICE).settings["temperature"] == 0.2
 
 
+def test_a_reply_starts_with_the_persons_message_in_one_call(store):
+    conversation = store.create(ALICE, "page", "", SETTINGS)
+    prompt_id, reply_id = store.start_reply(conversation.id, None, "Tell me a story",
+                                            model="SmolLM2", seed=7)
+    prompt, reply = store.branch(conversation.id)
+    assert (prompt.id, prompt.role, prompt.content, prompt.state, prompt.parent_id) == \
+        (prompt_id, "user", "Tell me a story", "done", None)
+    assert (reply.id, reply.role, reply.content, reply.state, reply.parent_id) == \
+        (reply_id, "assistant", "", "writing", prompt_id)
+    assert (reply.model, reply.seed, prompt.model) == ("SmolLM2", 7, None)
+    loaded = store.get(conversation.id, ALICE)
+    assert (loaded.current_leaf_id, loaded.title) == (reply_id, "Tell me a story")
+    again_prompt, again = store.start_reply(conversation.id, prompt_id, None, model="SmolLM2")
+    assert again_prompt is None and store.branch(conversation.id)[-1].id == again
+    assert store.alternatives(again) == [reply_id, again]
+    other = store.create(BOB, "page", "", SETTINGS)
+    with pytest.raises(ValueError, match="is not in conversation"):
+        store.start_reply(other.id, prompt_id, "Hi")
+    assert store.branch(other.id) == []
+
+
+def test_replies_being_written_are_saved_together_and_an_ended_one_keeps_its_end(store):
+    first, second = (conversation_with(store, "Tell me a story") for _ in range(2))
+    replies = [store.add_message(c.id, store.branch(c.id)[0].id, "assistant", "",
+                                 state="writing") for c in (first, second)]
+    store.save_writing({replies[0].id: "Once upon", replies[1].id: "Long ago"})
+    assert [store.branch(c.id)[-1].content for c in (first, second)] == ["Once upon", "Long ago"]
+    store.update_reply(replies[1].id, "Long ago, the end.", "done")
+    store.save_writing({replies[0].id: "Once upon a time", replies[1].id: "Long ago, the"})
+    ended = store.branch(second.id)[-1]
+    assert (ended.content, ended.state) == ("Long ago, the end.", "done")
+    writing = store.branch(first.id)[-1]
+    assert (writing.content, writing.state) == ("Once upon a time", "writing")
+
+
 def test_unfinished_replies_become_interrupted_keeping_their_text(store):
     conversation = store.create(ALICE, "page", "", SETTINGS)
     question = store.add_message(conversation.id, None, "user", "Tell me a story")
