@@ -274,6 +274,10 @@ class SteppedRun(ReplyRun):
                 self._finish(outcome)
         return True
 
+    def wait_for_end(self, timeout: float) -> bool:
+        self.wait_for(self.version, timeout)  # one more event: the virtual clock moves on
+        return self.ended is not None
+
 
 @dataclass
 class Measured:

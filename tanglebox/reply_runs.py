@@ -6,8 +6,10 @@ One reply's life (a :class:`ReplyRun`)::
     socket: ReplyRuns.start(conversation, parent, prompt, generation, metadata)
         -> ReplyRun, reading the Generation in its own greenlet (a thread without gevent)
     each Delta: ``text`` grows, ``version`` + 1, the watchers are woken; the first event stores
-        the person's message (when there is one) and the reply (state "writing"); after that
-        the text is saved at most every SAVE_INTERVAL_SECONDS
+        the person's message (when there is one) and the reply (state "writing")
+    every SAVE_INTERVAL_SECONDS while runs are writing, ReplyRuns saves the text of each that
+        grew, all in one transaction (``ReplySaver.save_writing``: one save a second for the
+        whole server, not one per reply)
     the final event: the reply saved with its state, note and metadata (model, sampling, seed,
         token counts, timings, finish reason, the prompt the model read); ``ended`` set; the run leaves ReplyRuns
     watchers (sockets): ``with run.watching(): run.wait_for(version, timeout)``; each renders
@@ -21,8 +23,9 @@ With ``finishRepliesWithoutWatchers`` false, the last watcher leaving stops the 
 "interrupted" with their text; a hard kill leaves "writing", which the store marks
 interrupted at the next start (``ConversationStore.interrupt_unfinished``).
 
-The store's calls are short and run in the run's greenlet (DESIGN.md: one worker process), so
-``ReplyRuns`` needs no lock: none of its methods yields between reading and writing its map.
+The store's calls are short and run in the run's greenlet, or the saver's (DESIGN.md: one
+worker process), so ``ReplyRuns`` needs no lock for its map: none of its methods yields
+between reading and writing it (without gevent, a lock keeps one saver thread at a time).
 """
 
 from __future__ import annotations
@@ -56,15 +59,13 @@ WRITING, DONE, STOPPED, INTERRUPTED_STATE, FAILED = (
     "writing", "done", "stopped", "interrupted", "failed")
 
 
-class Saved(Protocol):
-    id: int
-
-
 class ReplySaver(Protocol):
     """Where a run stores its messages (``ConversationStore`` is one)."""
 
-    def add_message(self, conversation_id: str, parent_id: int | None, role: str,
-                    content: str, state: str = "done", **metadata: Any) -> Saved: ...
+    def start_reply(self, conversation_id: str, parent_id: int | None, prompt: str | None,
+                    **metadata: Any) -> tuple[int | None, int]: ...
+
+    def save_writing(self, texts: dict[int, str]) -> None: ...
 
     def update_reply(self, message_id: int, content: str, state: str, note: str = "",
                      **metadata: Any) -> None: ...
@@ -103,10 +104,11 @@ class ReplyRun:
     watchers: int = 0
     _stop_reason: str = ""  # STOPPED or INTERRUPTED_STATE once asked to stop
     _stopped_at: float = 0.0
-    _saved_at: float = 0.0
+    saved_version: int = 0  # the version whose text ReplyRuns saved last
     _on_end: list = field(default_factory=list)
     # Looked up at creation, not import: under gevent, threading is patched to be greenlets'.
     _changed: threading.Condition = field(default_factory=lambda: threading.Condition())
+    _ended_event: threading.Event = field(default_factory=lambda: threading.Event())
 
     # -- watchers --------------------------------------------------------------------------
 
@@ -127,6 +129,11 @@ class ReplyRun:
         with self._changed:
             return self._changed.wait_for(
                 lambda: self.version > version or self.ended is not None, timeout)
+
+    def wait_for_end(self, timeout: float) -> bool:
+        """Wait until the run has ended (not woken by its text growing); False after
+        ``timeout``."""
+        return self._ended_event.wait(timeout)
 
     def stop(self, reason: str = STOPPED) -> None:
         """End the reply now (Stop, from any socket); what was written is kept."""
@@ -163,7 +170,6 @@ class ReplyRun:
         if isinstance(event, Delta):
             self._store_once()
             self.text += event.text
-            self._save_now_and_then()
             self._wake()
             return None
         return event
@@ -171,20 +177,9 @@ class ReplyRun:
     def _store_once(self) -> None:
         if self.message_id is not None:
             return
-        parent = self.parent_id
-        if self.prompt is not None:
-            parent = self.prompt_message_id = self.saver.add_message(
-                self.conversation_id, self.parent_id, "user", self.prompt).id
-        self.message_id = self.saver.add_message(
-            self.conversation_id, parent, "assistant", self.text, state=WRITING,
-            **self.metadata).id
-        self._saved_at = time.monotonic()
-
-    def _save_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now - self._saved_at >= SAVE_INTERVAL_SECONDS:
-            self.saver.update_reply(self.message_id, self.text, WRITING)
-            self._saved_at = now
+        self.prompt_message_id, self.message_id = self.saver.start_reply(
+            self.conversation_id, self.parent_id, self.prompt, **self.metadata)
+        self.saved_version = self.version  # the reply stored empty, at version 0
 
     def _finish(self, outcome: Done | Error | None) -> None:
         end = self._ending(outcome)
@@ -206,6 +201,7 @@ class ReplyRun:
                 self.ended = end
                 self.version += 1
                 self._changed.notify_all()
+            self._ended_event.set()
 
     def _ending(self, outcome: Done | Error | None) -> ReplyEnd:
         if isinstance(outcome, Error):
@@ -248,6 +244,8 @@ class ReplyRuns:
         self.saver = saver
         self.finish_without_watchers = finish_without_watchers
         self._runs: dict[str, ReplyRun] = {}
+        self._saving = False  # the saver's greenlet (a thread without gevent) is running
+        self._saving_lock = threading.Lock()  # start() and the saver's exit, without gevent
 
     def get(self, conversation_id: str) -> ReplyRun | None:
         return self._runs.get(conversation_id)
@@ -267,6 +265,7 @@ class ReplyRuns:
         run._on_end.append(self._forget)
         self._runs[conversation_id] = run
         run.start()
+        self._start_saving()
         return run
 
     def __len__(self) -> int:
@@ -275,3 +274,43 @@ class ReplyRuns:
     def _forget(self, run: ReplyRun) -> None:
         if self._runs.get(run.conversation_id) is run:
             del self._runs[run.conversation_id]
+
+    # -- saving the texts as they grow -----------------------------------------------------
+
+    def _start_saving(self) -> None:
+        with self._saving_lock:
+            if self._saving:
+                return
+            self._saving = True
+        if gevent_active():
+            import gevent
+            gevent.spawn(self._save_while_writing)
+        else:
+            threading.Thread(target=self._save_while_writing, name="reply-saves",
+                             daemon=True).start()
+
+    def _save_while_writing(self) -> None:
+        """Every SAVE_INTERVAL_SECONDS, the texts that grew, in one call; ends with the runs."""
+        while True:
+            time.sleep(SAVE_INTERVAL_SECONDS)
+            with self._saving_lock:
+                if not self._runs:
+                    self._saving = False
+                    return
+            self.save_now()
+
+    def save_now(self) -> None:
+        """Save the text of every run that grew since it was last saved (and has not ended:
+        its end saves it)."""
+        grown = [(run, run.version, run.text) for run in list(self._runs.values())
+                 if run.message_id is not None and run.ended is None
+                 and run.version > run.saved_version]
+        if not grown:
+            return
+        try:
+            self.saver.save_writing({run.message_id: text for run, _, text in grown})
+        except Exception:  # noqa: BLE001 - the next save tries again; the end is saved apart
+            log.exception("saving the replies being written failed")
+            return
+        for run, version, _ in grown:
+            run.saved_version = version

@@ -3,7 +3,8 @@ renders it again (:class:`RenderPacer`).
 
 A socket that asked for a reply, or that connected while one was being written, watches it:
 it waits for the run's next change (``ReplyRun.wait_for``, or ``RELAY_POLL_SECONDS`` without
-one), answers what its client sent meanwhile (Stop stops the reply for every socket; New chat
+one), or, when it rendered a moment ago and more came, for the next render's time
+(``ReplyRun.wait_for_end``: tokens do not wake it one by one, only the end does), answers what its client sent meanwhile (Stop stops the reply for every socket; New chat
 stops watching; settings apply from the next reply on; anything else is refused: busy), and
 renders the reply from its whole text so far (``ui_fragments.StreamedReply``): a socket that
 comes in mid-reply shows it so far, then the rest, with no gap and no repeat. When the run
@@ -82,13 +83,19 @@ class ReplyWatching:
         socket for Stop or New chat meanwhile. A closed socket raises out of here: this
         socket stops watching; the reply goes on (or not: ``ReplyRun.watching``)."""
         fragments = self.reply_fragments(turn)
-        version, shown, command = -1, "", ""
+        version, text, shown, command = -1, "", "", ""
         last_render, interval = 0.0, RENDER_INTERVAL_SECONDS
         counted = False  # in RENDER_PACER's count from the first text (not while queued)
         try:
             with run.watching():
                 while run.ended is None:
-                    run.wait_for(version, RELAY_POLL_SECONDS)
+                    pause = last_render + interval - time.monotonic()
+                    if pause > 0 and text != shown:
+                        # Rendered a moment ago: what comes meanwhile waits for the next
+                        # render, so this socket is not woken for each token of it.
+                        run.wait_for_end(min(pause, RELAY_POLL_SECONDS))
+                    else:
+                        run.wait_for(version, RELAY_POLL_SECONDS)
                     command = self._command_while_streaming(run)
                     if command or run.ended is not None:
                         break

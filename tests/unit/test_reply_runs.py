@@ -29,19 +29,34 @@ class SavedMessage:
 
 
 class RecordingSaver:
-    """The store's two calls a run makes, kept in memory; every save recorded."""
+    """The store's calls a run makes, kept in memory; every save recorded."""
 
     def __init__(self) -> None:
         self.messages: dict[int, SavedMessage] = {}
         self.saves: list[tuple[int, str, str]] = []  # (message id, content, state)
+        self.save_calls: list[dict[int, str]] = []  # save_writing's arguments
         self._ids = itertools.count(1)
 
-    def add_message(self, conversation_id: str, parent_id: int | None, role: str, content: str,
-                    state: str = "done", **metadata: Any) -> SavedMessage:
+    def start_reply(self, conversation_id: str, parent_id: int | None, prompt: str | None,
+                    **metadata: Any) -> tuple[int | None, int]:
+        prompt_id = None
+        if prompt is not None:
+            prompt_id = parent_id = self._add(parent_id, "user", prompt, "done", {})
+        return prompt_id, self._add(parent_id, "assistant", "", "writing", metadata)
+
+    def _add(self, parent_id, role, content, state, metadata) -> int:
         message = SavedMessage(next(self._ids), parent_id, role, content, state,
                                metadata=metadata)
         self.messages[message.id] = message
-        return message
+        return message.id
+
+    def save_writing(self, texts: dict[int, str]) -> None:
+        self.save_calls.append(dict(texts))
+        for message_id, content in texts.items():
+            message = self.messages[message_id]
+            if message.state == "writing":
+                message.content = content
+                self.saves.append((message_id, content, "writing"))
 
     def update_reply(self, message_id: int, content: str, state: str, note: str = "",
                      **metadata: Any) -> None:
@@ -78,6 +93,7 @@ def ended(run: ReplyRun, timeout: float = 30.0) -> reply_runs.ReplyEnd:
 
 
 COUNT_40 = " ".join(str(i) for i in range(1, 41))
+COUNT_60 = " ".join(str(i) for i in range(1, 61))
 METADATA = {"model": "fake", "sampling": {"temperature": 0.0}, "seed": None}
 
 
@@ -113,6 +129,33 @@ def test_the_text_is_saved_as_it_grows_not_only_at_the_end(app, saver, fake_back
     assert writing and all(COUNT_40.split()[0] in c for c in writing)
     assert all(" ".join(str(i) for i in range(1, 61)).startswith(c) for c in writing)
     assert saver.saves[-1][2] == "done"
+
+
+def test_replies_written_at_once_are_saved_together(app, saver, fake_backend, monkeypatch):
+    monkeypatch.setattr(reply_runs, "SAVE_INTERVAL_SECONDS", 0.05)
+    fake_backend.step_delay = 0.01
+    runs = ReplyRuns(saver)
+    both = [runs.start(c, None, "count 60", submit(app, "count 60"), METADATA)
+            for c in ("c1", "c2")]
+    for run in both:
+        ended(run)
+    ids = {run.message_id for run in both}
+    assert any(set(call) == ids for call in saver.save_calls)  # one call for the two
+    assert all(content == COUNT_60 for _, content, state in saver.saves if state == "done")
+
+
+def test_a_failed_save_leaves_the_reply_going_and_its_end_saved(app, saver, fake_backend,
+                                                                 monkeypatch, caplog):
+    monkeypatch.setattr(reply_runs, "SAVE_INTERVAL_SECONDS", 0.05)
+    fake_backend.step_delay = 0.01
+
+    def database_down(texts):
+        raise OSError("the database is down")
+
+    monkeypatch.setattr(saver, "save_writing", database_down)
+    run = ReplyRuns(saver).start("c1", None, "count 60", submit(app, "count 60"), METADATA)
+    assert ended(run).state == "done" and saver.reply().content == COUNT_60
+    assert "saving the replies being written failed" in caplog.text
 
 
 def test_stop_keeps_what_was_written(app, saver, fake_backend):
