@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app
@@ -116,9 +117,10 @@ class Runtime:
 
     # -- the models served ---------------------------------------------------------------
 
-    @property
+    @cached_property
     def local_model_id(self) -> str | None:
-        """The local model's id; None when ``modelName`` is empty (remote models only)."""
+        """The local model's id; None when ``modelName`` is empty (remote models only). Read
+        once: the settings are the process's, and every page fragment asks."""
         return model_id(self.settings) if self.settings["modelName"] else None
 
     @property

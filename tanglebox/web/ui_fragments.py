@@ -38,8 +38,12 @@ def render_turn(turn: Turn, streaming: bool = False) -> RenderedTurn:
                         Markup("") if streaming else render_markdown(turn.reply), streaming)
 
 
-def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
-    """Everything the page and the partials need to render ``conversation``."""
+def ui_context(runtime: Runtime, conversation: Conversation,
+               with_turns: bool = True) -> dict[str, Any]:
+    """Everything the page and the partials need to render ``conversation``; without its
+    turns' Markdown rendered (``rendered_turns`` empty) for a partial that shows none (the
+    composer, the model chip: rendering every turn for them made each reply's cost grow with
+    the conversation)."""
     model_name, device = shown_model(runtime, conversation.settings.model)
     return {
         "model_name": model_name,
@@ -49,7 +53,7 @@ def ui_context(runtime: Runtime, conversation: Conversation) -> dict[str, Any]:
                         else f"Message {model_name}"),
         "max_new_tokens_limit": runtime.settings["maxNewTokensLimit"],
         "rendered_turns": [render_turn(turn, conversation.busy and turn is conversation.turns[-1])
-                           for turn in conversation.turns],
+                           for turn in conversation.turns] if with_turns else [],
         "conversation_url": conversation.url,
         "busy": conversation.busy,
         "can_regenerate": bool(conversation.turns),
@@ -87,13 +91,14 @@ def messages_fragment(runtime: Runtime, conversation: Conversation) -> str:
 
 def model_chip_fragment(runtime: Runtime, conversation: Conversation) -> str:
     """``#model-chip`` (outerHTML): the conversation's model in the page's header."""
-    return render_template("_model_chip.html", oob=True, **ui_context(runtime, conversation))
+    return render_template("_model_chip.html", oob=True,
+                           **ui_context(runtime, conversation, with_turns=False))
 
 
 def composer_fragment(runtime: Runtime, conversation: Conversation, draft: str = "",
                       keep_draft: bool = False) -> str:
     """``#composer`` (outerHTML): enabled, or disabled with a Stop button while busy."""
-    context = ui_context(runtime, conversation)
+    context = ui_context(runtime, conversation, with_turns=False)
     context.update(draft=draft, keep_draft=keep_draft)
     return render_template("_composer.html", oob=True, **context)
 

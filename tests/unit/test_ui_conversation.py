@@ -181,3 +181,21 @@ def test_a_finished_reply_leaves_the_render_budget_to_the_others(app):
     before = RENDER_PACER.streaming
     talk(app, PAGE, {"userPrompt": "count 5"}, {"userPrompt": "echo again"})
     assert RENDER_PACER.streaming == before
+
+
+def test_a_turn_renders_its_own_markdown_not_the_whole_conversations_again(app, monkeypatch):
+    from tanglebox.web import ui_fragments
+    rendered: list[str] = []
+    real_render_turn = ui_fragments.render_turn
+
+    def render_turn(turn, streaming=False):
+        rendered.append(turn.prompt)
+        return real_render_turn(turn, streaming)
+
+    monkeypatch.setattr(ui_fragments, "render_turn", render_turn)
+    client = talk(app, PAGE, *({"userPrompt": f"echo {n}"} for n in range(6)))
+    assert sum('id="composer"' in fragment for fragment in client.sent) >= 12
+    # The first message shows the conversation it began (one turn); the page coming back at
+    # the end shows all six. Nothing else renders a whole turn again: the composer shown
+    # busy and then free at each turn used to render every turn so far (quadratic work).
+    assert rendered == ["echo 0"] + [f"echo {n}" for n in range(6)]
