@@ -24,6 +24,9 @@ import websocket
 # A fragment that shows reply text (ui_socket's docstring): blocks that just finished, the open
 # tail with some text (not the typing dots, not its deletion), lines of an open code block, or
 # the whole reply again.
+# The reply's info: "Reply tokens 128", the model's count (the text the UI shows, rendered
+# Markdown, can tokenize to fewer tokens than the model wrote).
+REPLY_TOKENS = re.compile(r"<dt>Reply tokens</dt><dd>(\d+)</dd>")
 REPLY_WITH_TEXT = re.compile(
     r'<div hx-swap-oob="beforebegin:#turn-\d+-reply-open(?:-line)?">'
     r'|<span id="turn-\d+-reply-open-line"'
@@ -44,6 +47,7 @@ class Reply:
     text: str = ""
     error: str = ""
     finished_at: float = 0.0
+    tokens: int | None = None  # as the server counted them; None: count ``text``'s tokens
 
 
 class OriginalSocketClient:
@@ -165,6 +169,8 @@ class UiSocketClient:
             if error:
                 reply.error = error
             if _composer_enabled(fragment):
+                counted = REPLY_TOKENS.search(fragment)  # the footer of the reply that ended
+                reply.tokens = int(counted.group(1)) if counted else None
                 break
         reply.text = _reply_content(shown)
         reply.finished_at = time.monotonic()

@@ -77,7 +77,7 @@ def run_clients(contestant: str, make_client, prompts: list[str], count_tokens,
             run.errors.append(reply.error if reply and reply.error else "no reply")
             continue
         run.ttft.append(reply.chunk_times[0] - reply.sent_at)
-        count = count_tokens(reply.text)
+        count = reply.tokens if reply.tokens is not None else count_tokens(reply.text)
         run.tokens += count
         if count > 1:
             run.itl.append((reply.chunk_times[-1] - reply.chunk_times[0]) / (count - 1))

@@ -10,10 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.clients import (REPLY_WITH_TEXT, LlamaServerClient, OpenAIChatClient,
-                           _reply_content, chat_prompt_check)
+from bench.clients import (REPLY_TOKENS, REPLY_WITH_TEXT, LlamaServerClient,
+                           OpenAIChatClient, _reply_content, chat_prompt_check)
 from tanglebox.web.ui_conversation import Turn
-from tanglebox.web.ui_fragments import StreamedReply, new_turn_fragment, reply_fragment
+from tanglebox.web.reply_info import ReplyInfo
+from tanglebox.web.ui_fragments import (StreamedReply, new_turn_fragment, reply_fragment,
+                                        reply_meta_fragment)
 
 
 def test_only_fragments_that_show_reply_text_count_as_chunks(app):
@@ -31,6 +33,18 @@ def test_only_fragments_that_show_reply_text_count_as_chunks(app):
     assert all(REPLY_WITH_TEXT.match(shown) for shown in (partial, more, end, again))
     assert _reply_content([partial, more, end]).split("\n") == ["Once upon a time.", "The end."]
     assert _reply_content([partial, again]) == "Once upon a time."
+
+
+def test_the_ui_replys_tokens_are_the_count_its_info_shows_not_its_prompts(app):
+    info = ReplyInfo(source_url="/c/x/messages/2.md", prompt_url="/c/x/messages/2/prompt",
+                     prompt_text="<|im_start|>user…", prompt_by_upstream=False,
+                     prompt_tokens=47, cached_tokens=12, completion_tokens=128,
+                     tokens_per_second=15.5, ttft_ms=210.0, model="SmolLM2", template="chatml",
+                     settings=())
+    with app.app_context():
+        meta = reply_meta_fragment(Turn(id=1, prompt="Tell me a story.", reply="Once",
+                                        info=info))
+    assert [int(n) for n in REPLY_TOKENS.findall(meta)] == [128]
 
 
 def chat_chunk(delta: dict, finish_reason: str | None = None) -> dict:
