@@ -80,3 +80,18 @@ def _with_descendants(pids: list[int]) -> set[int]:
         except OSError:
             pass
     return found
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) the main threads of ``pid`` and its descendants have used:
+    a Tanglebox worker's web side (gevent runs every request and socket on the main thread;
+    the engine and llama.cpp's threads are others)."""
+    total = 0
+    for process in _with_descendants([pid]):
+        try:
+            with open(f"/proc/{process}/task/{process}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")

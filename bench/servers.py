@@ -36,14 +36,14 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, name: str, command: list[str], port: int, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log,
+        self.process = subprocess.Popen(command, cwd=cwd, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         self._wait_ready()
