@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from markdown_it.common.utils import escapeHtml
 from markupsafe import Markup
 
-from tanglebox.markdown_blocks import MarkdownStream
+from tanglebox.markdown_blocks import MarkdownStream, plain_prose_html
 from tanglebox.markdown_render import render_markdown
 from tests.unit.test_markdown_render import assert_inert
 
@@ -116,6 +116,53 @@ def test_the_page_equals_the_one_shot_render_at_every_step_and_at_the_end(case):
 @given(markdown_lines())
 def test_every_character_as_its_own_token(text):
     stream(text, every_character(text))
+
+
+# -- prose: the open tail rendered without a parse (markdown_blocks.plain_prose_html) -------
+
+PROSE_STARTS = ["", "", "", "", "", "", "", "", "1. ", "2) ", "- ", "+ ", "# ", "> ", "    ",
+                " ", "\u201c", '"', "(", "2024 ", "\u00c9mile ", "---", "===", "| ", "```", "$$",
+                "\\[", "[x]: "]
+PLAIN_WORDS = ["Once", "upon", "a", "time,", "dragon's", '"quoted"', "(aside)", "well-known",
+               "note:", "end.", "\u00e9t\u00e9", "\u201ccurly\u201d", "\u2018single\u2019",
+               "\U0001f600", "3", "why?"]
+# One of these in a line of plain words: each must send it back to the parser, or render as
+# the parser would.
+RISKY_WORDS = ["1.", "2)", "-", "--", "+", "#", "*", "_", "`", "&", "&amp;", "<b>", ">", "[x]",
+               "!", "$5", "\\", "~", "|", "\u00a0", "\t", "\u200b", "a\u00adb", "  ", "http://x.y",
+               "=", "@me", "50%", "^", "{", "}", "\u3000", "\u2028", "\r", "\x00", "\\(x\\)"]
+ENDINGS = ["\n\n", "\n\n", "\n", "\n\n\n", "  \n", "\r\n"]
+
+
+@st.composite
+def prose_lines(draw) -> str:
+    """Lines of plain words, half of them with one risky word somewhere."""
+    lines = []
+    for _ in range(draw(st.integers(1, 6))):
+        words = draw(st.lists(st.sampled_from(PLAIN_WORDS), min_size=1, max_size=5))
+        if draw(st.booleans()):
+            words.insert(draw(st.integers(0, len(words))), draw(st.sampled_from(RISKY_WORDS)))
+        lines.append(draw(st.sampled_from(PROSE_STARTS)) + " ".join(words)
+                     + draw(st.sampled_from(ENDINGS)))
+    return "".join(lines)
+
+
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(streamed(prose_lines()))
+def test_prose_rendered_without_a_parse_equals_the_one_shot_render_at_every_step(case):
+    text, cuts = case
+    stream(text, cuts)
+
+
+def test_a_paragraph_being_written_after_an_open_one_is_rendered_without_a_parse():
+    parser = MarkdownStream().parser
+    tail = 'Once upon a time, a well-known dragon said: "bake (bread)."\n\nThe end is n'
+    assert plain_prose_html(tail, parser) == parser.render(tail) == (
+        '<p>Once upon a time, a well-known dragon said: &quot;bake (bread).&quot;</p>\n'
+        '<p>The end is n</p>\n')
+    for not_plain in ("1. One", "A *b*", "A\nB", "A\n\nB\n", "A &amp; B", "- A", "A\u00a0B"):
+        assert plain_prose_html(not_plain, parser) is None, not_plain
 
 
 # -- what each block costs ------------------------------------------------------------------
