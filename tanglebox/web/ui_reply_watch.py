@@ -29,7 +29,7 @@ from tanglebox.web.ui_fragments import (
 )
 
 RENDER_INTERVAL_SECONDS = 0.08  # about 12 updates a second: smooth to read, cheap to render
-RENDER_CPU_SHARE = 0.03  # of one core, for re-rendering every streaming reply of this process
+RENDER_CPU_SHARE = 0.02  # of one core, for re-rendering every streaming reply of this process
 
 BUSY = "A reply is still being written: wait for it, or press Stop."
 
@@ -43,9 +43,10 @@ class RenderPacer:
     block: a long list or code block) or many replies stream at once, so that updating all of
     them stays near ``RENDER_CPU_SHARE`` of one core. On a CPU server every core is busy with
     the model while replies stream, so this is taken from everyone's tokens: with 8 replies
-    of about 500 characters (0.5 ms a render) each updates every ~150 ms instead of every
-    80 (measured in docs/benchmarks.md, "Serving"). Greenlets share one thread, so the count
-    needs no lock.
+    of about 500 characters (0.5 ms a render) each updates every ~200 ms instead of every
+    80; prose, rendered without a parse while it is written (``markdown_blocks``), about
+    twice as often (docs/benchmarks.md, "The UI socket against the original socket").
+    Greenlets share one thread, so the count needs no lock.
     """
 
     def __init__(self) -> None:
