@@ -7,13 +7,16 @@ reply or editing a prompt adds a sibling (same parent, same role) instead of ove
 ``current_leaf_id`` says which branch is shown. :meth:`ConversationStore.branch` reads that
 branch; :meth:`~ConversationStore.select` moves to another one.
 
-A reply is stored while it is written: ``add_message(..., state="writing")``, then its text
-as it grows (``save_writing``: every reply being written in one transaction), then
-``update_reply`` once at its end, with its provenance (model, sampling, token counts, timings,
-finish reason). A process that dies mid-reply leaves it "writing";
-``interrupt_unfinished`` at the next start marks it "interrupted", keeping its text.
+A reply is stored while it is written: at its first token with the person's message
+(``start_reply``: the reply empty, state "writing"), then its text as it grows
+(``save_writing``: every reply being written in one statement), then ``update_reply`` once at
+its end, with its provenance (model, sampling, token counts, timings, finish reason). A process
+that dies mid-reply leaves it "writing"; ``interrupt_unfinished`` at the next start marks it
+"interrupted", keeping its text.
 
-Every call is one short transaction (``Database.session``), run in the calling greenlet.
+Every call is one short transaction, run in the calling greenlet: an ORM session
+(``Database.session``), or for the writes of a reply's life, plain statements built once
+(``Database.transaction``), which cost a fraction of a session's CPU on a busy server.
 """
 
 from __future__ import annotations
