@@ -35,7 +35,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from tanglebox.generation import (
     ENDED_EARLY,
@@ -144,11 +144,7 @@ class ReplyRun:
     # -- the reader ------------------------------------------------------------------------
 
     def start(self) -> None:
-        if gevent_active():
-            import gevent
-            gevent.spawn(self._read)
-        else:
-            threading.Thread(target=self._read, name="reply-run", daemon=True).start()
+        _in_background(self._read, "reply-run")
 
     def _read(self) -> None:
         outcome: Done | Error | None = None
@@ -282,12 +278,7 @@ class ReplyRuns:
             if self._saving:
                 return
             self._saving = True
-        if gevent_active():
-            import gevent
-            gevent.spawn(self._save_while_writing)
-        else:
-            threading.Thread(target=self._save_while_writing, name="reply-saves",
-                             daemon=True).start()
+        _in_background(self._save_while_writing, "reply-saves")
 
     def _save_while_writing(self) -> None:
         """Every SAVE_INTERVAL_SECONDS, the texts that grew, in one call; ends with the runs."""
@@ -314,3 +305,12 @@ class ReplyRuns:
             return
         for run, version, _ in grown:
             run.saved_version = version
+
+
+def _in_background(target: Callable[[], None], name: str) -> None:
+    """Run ``target`` in a greenlet of this worker (a daemon thread without gevent)."""
+    if gevent_active():
+        import gevent
+        gevent.spawn(target)
+    else:
+        threading.Thread(target=target, name=name, daemon=True).start()
