@@ -1,14 +1,15 @@
 """The chat UI's socket watching a reply being written (``reply_runs``), and how often it
 renders it again (:class:`RenderPacer`).
 
-A socket that asked for a reply, or that connected while one was being written, watches it:
-it waits for the run's next change (``ReplyRun.wait_for``, or ``RELAY_POLL_SECONDS`` without
-one), or, when it rendered a moment ago and more came, for the next render's time
-(``ReplyRun.wait_for_end``: tokens do not wake it one by one, only the end does), answers what its client sent meanwhile (Stop stops the reply for every socket; New chat
-stops watching; settings apply from the next reply on; anything else is refused: busy), and
-renders the reply from its whole text so far (``ui_fragments.StreamedReply``): a socket that
-comes in mid-reply shows it so far, then the rest, with no gap and no repeat. When the run
-ends, every watcher shows the end (``_ended``); a socket that closes just stops watching.
+A socket that asked for a reply, or that connected while one was being written, watches it: it
+waits for the run's next change (``ReplyRun.wait_for``, or ``RELAY_POLL_SECONDS`` without one),
+or, when it rendered a moment ago and more came, for the next render's time
+(``ReplyRun.wait_for_end``: tokens do not wake it one by one, only the end does), answers what
+its client sent meanwhile (Stop stops the reply for every socket; New chat stops watching;
+settings apply from the next reply on; anything else is refused: busy), and renders the reply
+from its whole text so far (``ui_fragments.StreamedReply``): a socket that comes in mid-reply
+shows it so far, then the rest, with no gap and no repeat. When the run ends, every watcher
+shows the end (``_ended``); a socket that closes just stops watching.
 """
 
 from __future__ import annotations
