@@ -106,14 +106,17 @@ def start_front_tanglebox(upstream_base_url: str, upstream_model: str, slots: in
                                 folder, "tanglebox-front")
 
 
-def start_tanglebox_with(settings: dict, folder: Path, name: str) -> ServerProcess:
-    """``python app.py`` on a free port with these settings, none from the environment."""
+def start_tanglebox_with(settings: dict, folder: Path, name: str, checkout: Path = ROOT,
+                         fake: dict | None = None) -> ServerProcess:
+    """``python app.py`` of ``checkout`` on a free port with these settings, none from the
+    environment; with ``fake`` (``FakeBackend``'s arguments), ``tests.fake_server`` instead."""
     port = free_port()
     path = folder / f"{name}-settings.json"
     path.write_text(json.dumps({"port": port, **settings}), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANGLEBOX_")}
-    return ServerProcess(name, [sys.executable, str(ROOT / "app.py"), "--settings", str(path)],
-                         port, folder / f"{name}.log", env)
+    command = ([sys.executable, str(checkout / "app.py"), "--settings", str(path)] if fake is None
+               else [sys.executable, "-m", "tests.fake_server", str(path), json.dumps(fake)])
+    return ServerProcess(name, command, port, folder / f"{name}.log", env, cwd=checkout)
 
 
 def start_llama_server(binary: Path, model: Path, slots: int, context_length: int,

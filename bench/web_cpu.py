@@ -21,8 +21,6 @@ runs: per-token costs show undiluted. Its replies follow the fake's rules (``--p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from bench.clients import SURFACES
 from bench.contest import Prompts, add_contest_arguments, chosen_surfaces, run_clients
 from bench.direct import DirectModel
 from bench.machine import cpu_model, main_thread_cpu_seconds
-from bench.servers import ROOT, ServerProcess, free_port
+from bench.servers import ROOT, ServerProcess, start_tanglebox_with
 
 CONTEXT_LENGTH = 2048
 
@@ -57,21 +55,12 @@ class WebThreadMeter:
 
 def start_server(checkout: Path, model: Path, clients: int, folder: Path, index: int,
                  fake_step: float | None) -> ServerProcess:
-    port = free_port()
-    settings = folder / f"settings-{index}.json"
-    settings.write_text(json.dumps({
-        "port": port, "modelName": str(model), "parallelSlots": clients,
-        "contextLength": CONTEXT_LENGTH, "queueSize": 4 * clients, "maxNewTokensLimit": 4096,
-        "databaseUrl": f"sqlite:///{folder}/conversations-{index}.db"}), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TANGLEBOX_")}
-    env["PYTHONPATH"] = str(checkout)
-    if fake_step is None:
-        command = [sys.executable, str(checkout / "app.py"), "--settings", str(settings)]
-    else:
-        fake = json.dumps({"max_sequences": clients, "step_delay": fake_step})
-        command = [sys.executable, "-m", "tests.fake_server", str(settings), fake]
-    return ServerProcess(f"tanglebox-{index}", command, port, folder / f"tanglebox-{index}.log",
-                         env, cwd=checkout)
+    settings = {"modelName": str(model), "parallelSlots": clients,
+                "contextLength": CONTEXT_LENGTH, "queueSize": 4 * clients,
+                "maxNewTokensLimit": 4096,
+                "databaseUrl": f"sqlite:///{folder}/conversations-{index}.db"}
+    fake = None if fake_step is None else {"max_sequences": clients, "step_delay": fake_step}
+    return start_tanglebox_with(settings, folder, f"tanglebox-{index}", checkout, fake)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,15 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers:
                 server.stop()
-    print(f"CPU {cpu_model()}; {clients} clients × {args.max_tokens} tokens; "
-          f"{'fake backend, ' + str(args.fake) + ' s a step' if args.fake is not None else model_path.name}; "
+    served = model_path.name if args.fake is None else f"fake backend, {args.fake} s a step"
+    print(f"CPU {cpu_model()}; {clients} clients × {args.max_tokens} tokens; {served}; "
           f"{args.rounds} rounds\n")
     print("| checkout | surface | web thread CPU s/round (median, range) | tokens/s (median) |")
     print("|---|---|---|---|")
     for (index, surface), values in sorted(results.items()):
         cpu = [v[0] for v in values]
+        rate = statistics.median(v[1] for v in values)
         print(f"| {checkouts[index]} | {surface} | {statistics.median(cpu):.2f} "
-              f"({min(cpu):.2f}–{max(cpu):.2f}) | {statistics.median(v[1] for v in values):.1f} |")
+              f"({min(cpu):.2f}–{max(cpu):.2f}) | {rate:.1f} |")
     return 0
 
 

@@ -77,7 +77,7 @@ def test_the_front_serves_only_the_upstream_as_a_remote_endpoint(monkeypatch, tm
     started = {}
 
     class _Recorded:
-        def __init__(self, name, command, port, log_path, env=None) -> None:
+        def __init__(self, name, command, port, log_path, env=None, cwd=None) -> None:
             started.update(name=name, command=command, env=env)
 
     monkeypatch.setattr(servers, "ServerProcess", _Recorded)
